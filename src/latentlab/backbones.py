@@ -1,0 +1,182 @@
+"""Backbones and tokenizers: any Hugging Face causal LM, plus random-init presets.
+
+Presets build the same architectures (GPT-2, Qwen-3) with random weights so that every code path
+is the one a pretrained model takes. Special tokens are added, and embeddings resized, in one
+place: `add_special_tokens`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2TokenizerFast,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from latentlab.config import ModelConfig
+from latentlab.errors import ModelError
+from latentlab.tasks.base import resolve_path
+
+
+@dataclass(frozen=True)
+class Preset:
+    model_type: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+# Shapes follow the published configs (GPT-2 small: 124M; Qwen3-0.6B: 28 layers, GQA 16/8).
+PRESETS: dict[str, Preset] = {
+    "gpt2-tiny": Preset("gpt2", {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 512}),
+    "gpt2-mini": Preset("gpt2", {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 1024}),
+    "gpt2-small": Preset("gpt2", {"n_layer": 12, "n_embd": 768, "n_head": 12,
+                                  "n_positions": 1024}),
+    "qwen3-tiny": Preset("qwen3", {"hidden_size": 128, "num_hidden_layers": 2,
+                                   "num_attention_heads": 4, "num_key_value_heads": 2,
+                                   "head_dim": 32, "intermediate_size": 384,
+                                   "max_position_embeddings": 1024, "tie_word_embeddings": True}),
+    "qwen3-0.6b": Preset("qwen3", {"hidden_size": 1024, "num_hidden_layers": 28,
+                                   "num_attention_heads": 16, "num_key_value_heads": 8,
+                                   "head_dim": 128, "intermediate_size": 3072,
+                                   "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+                                   "rope_parameters": {"rope_type": "default",
+                                                       "rope_theta": 1_000_000.0},
+                                   "tie_word_embeddings": True}),
+}
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+
+def build_tokenizer(config: ModelConfig, training_texts: Iterable[str]) -> PreTrainedTokenizerBase:
+    """The tokenizer a run uses; `training_texts` is read only when one is trained."""
+    choice = config.tokenizer
+    if choice == "auto":
+        choice = "train" if config.name in PRESETS else config.name
+    if choice == "train":
+        tokenizer = train_tokenizer(training_texts, config.tokenizer_vocab_size)
+    elif choice == "gpt2-bpe":
+        files = resolve_path("${LATENTLAB_SHARED}/data/gpt2_tokenizer")
+        if not (files / "encoder.json").is_file():
+            raise ModelError(f"GPT-2's BPE files are not in {files}",
+                             fix="set LATENTLAB_SHARED to the folder holding data/gpt2_tokenizer")
+        vocab = json.loads((files / "encoder.json").read_text(encoding="utf-8"))
+        lines = (files / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]  # 1: version
+        tokenizer = GPT2TokenizerFast(vocab=vocab,
+                                      merges=[tuple(m.split(" ")) for m in lines if m])
+    else:
+        tokenizer = _from_pretrained(AutoTokenizer, choice, "tokenizer")
+    if tokenizer.eos_token is None:
+        tokenizer.add_special_tokens({"eos_token": EOS})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD})
+    return tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the task's text: offline, lossless on any input.
+
+    Digits are split one by one (arithmetic tasks learn far faster when a number's tokens do not
+    depend on its neighbours), and byte-level fallback makes every string round-trip.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
+
+
+def build_backbone(config: ModelConfig, tokenizer: PreTrainedTokenizerBase,
+                   seed: int) -> PreTrainedModel:
+    """A preset with random weights (seeded), or a pretrained model from a hub id / directory."""
+    if config.name in PRESETS:
+        preset = PRESETS[config.name]
+        fields = {**preset.fields, **config.preset_overrides}
+        try:
+            hf_config = AutoConfig.for_model(
+                preset.model_type, vocab_size=len(tokenizer), **fields,
+                bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"model.preset_overrides do not fit {config.name}: {exc}",
+                             fix="use field names of the model's Hugging Face config") from None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return AutoModelForCausalLM.from_config(
+                hf_config, attn_implementation=config.attn_implementation)
+    if config.preset_overrides:
+        raise ModelError(f"model.preset_overrides only apply to presets, not {config.name!r}",
+                         fix="remove model.preset_overrides")
+    return _from_pretrained(AutoModelForCausalLM, config.name, "model",
+                            attn_implementation=config.attn_implementation)
+
+
+def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
+    local = resolve_path(name)
+    source = str(local) if local.exists() else name
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        presets = ", ".join(PRESETS)
+        raise ModelError(
+            f"cannot load the {what} {name!r} ({str(exc).splitlines()[0]})",
+            fix=f"use a preset ({presets}), a local directory, or a hub id with network access",
+        ) from None
+
+
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel,
+                       tokens: Iterable[str]) -> None:
+    """Register method tokens (e.g. `<pause>`, `<bot>`) and grow the embeddings to fit.
+
+    The one place the vocabulary changes. A tokenizer larger than the model's embedding table
+    before any token is added belongs to another model, which is an error, not a resize.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
+                         f"{rows} embeddings: they do not belong together",
+                         fix="use the model's own tokenizer (model.tokenizer=auto)")
+    new = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if new:
+        tokenizer.add_special_tokens({"extra_special_tokens": new},
+                                     replace_extra_special_tokens=False)
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+
+
+def load_pretrained_dir(path: Path, attn_implementation: str = "sdpa"
+                        ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A backbone and its tokenizer saved by `save_pretrained` (a run's `best/model`)."""
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} holds no saved model",
+                         fix="point at a finished run directory (it has best/model)")
+    model = AutoModelForCausalLM.from_pretrained(str(path),
+                                                 attn_implementation=attn_implementation)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
+
+
+def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

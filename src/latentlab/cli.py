@@ -1,0 +1,114 @@
+"""`latentlab` command line: train, eval, data, demo.
+
+User errors (bad config, missing file, ...) print one line naming the problem and the fix and
+exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from latentlab.errors import LatentlabError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LatentlabError as err:
+        from latentlab.engine.trainer import Interrupted
+        print(f"latentlab: error: {err}", file=sys.stderr)
+        return 130 if isinstance(err, Interrupted) else 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentlab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a method on a task from a YAML config")
+    p.add_argument("config", type=Path, help="YAML config, e.g. configs/countdown_cot.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in the config's out_dir from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a finished run's best model")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--data", type=Path, help="a data file of the run's task to score instead")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="generate task data")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    g = data_sub.add_parser("generate", help="write generated examples as a data file")
+    g.add_argument("task", help="countdown or prosqa")
+    g.add_argument("--n", type=int, default=1000, help="number of examples")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--split", default="train", choices=["train", "valid", "test"],
+                   help="valid/test draw from held-out targets where the task has them")
+    g.add_argument("--operands", type=int, help="Countdown: numbers per problem (3, 4, 5)")
+    g.add_argument("--out", type=Path, required=True)
+    g.add_argument("options", nargs="*", help="task options, e.g. max_operand=50")
+    g.set_defaults(func=cmd_data_generate)
+
+    p = sub.add_parser("demo", help="a few-minute CPU comparison of every method")
+    p.add_argument("--methods", help="comma-separated subset, e.g. cot,nocot")
+    p.add_argument("--out", type=Path, default=None, help="demo directory (default: new one "
+                   "under runs/)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per method")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from latentlab.config import load_config
+    from latentlab.run import train
+
+    config = load_config(args.config, args.overrides)
+    results = train(config, resume=args.resume)
+    print(json.dumps(results))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from latentlab.run import evaluate_run
+
+    results = evaluate_run(args.run_dir, args.split, args.data, args.batch_size,
+                           args.max_new_tokens)
+    print(json.dumps(results))
+    return 0
+
+
+def cmd_data_generate(args: argparse.Namespace) -> int:
+    from latentlab.config import load_config
+    from latentlab.tasks import build_task
+
+    overrides = [f"task.{o}" for o in args.options]
+    if args.operands is not None:
+        overrides.append(f"task.operands={args.operands}")
+    config = load_config(base={"task": {"name": args.task}, "method": {"name": "cot"}},
+                         overrides=overrides)
+    task = build_task(config.task)
+    examples = task.generate(args.split, args.n, args.seed)
+    task.write(examples, args.out)
+    print(json.dumps({"task": args.task, "split": args.split, "n": len(examples),
+                      "out": str(args.out)}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from latentlab.demo import run_demo
+
+    methods = args.methods.split(",") if args.methods else None
+    run_demo(methods=methods, out=args.out, steps=args.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

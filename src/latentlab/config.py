@@ -1,0 +1,204 @@
+"""Typed run configuration: YAML files plus dotted `key=value` overrides, validated by pydantic.
+
+A run is `task` x `model` x `method` x `train` x `eval`. Task and method sections are tagged
+unions keyed by `name`, so each task or method module owns its own options.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from latentlab.errors import ConfigError
+from latentlab.methods import METHOD_CONFIGS
+from latentlab.tasks import TASK_CONFIGS
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field("gpt2-tiny", description="a preset (see `latentlab.backbones.PRESETS`), "
+                      "a Hugging Face hub id, or a local model directory")
+    tokenizer: str = Field("auto", description="'auto': trained on the task's training text "
+                           "for presets, the model's own otherwise; 'train'; 'gpt2-bpe' (GPT-2's "
+                           "BPE files from $LATENTLAB_SHARED/data/gpt2_tokenizer); or a hub id/dir")
+    tokenizer_vocab_size: int = Field(1024, ge=300, description="size of a trained tokenizer")
+    init_from: str | None = Field(None, description="start from the best model of an earlier "
+                                  "run directory (e.g. a CoT- or No-CoT-trained Base)")
+    preset_overrides: dict[str, Any] = Field(default_factory=dict, description="architecture "
+                                             "fields changed on a preset, e.g. {n_layer: 4}")
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1, description="passes over the training split")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(32, ge=1, description="examples per device per micro-step")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0, description="None: no clipping")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="'auto': bf16 on a GPU that supports it, float32 on CPU")
+    eval_every: int = Field(0, ge=0, description="steps between validations; 0: each epoch")
+    eval_samples: int | None = Field(200, ge=1, description="validation examples scored "
+                                     "during training (None: all)")
+    save_every: int = Field(0, ge=0, description="steps between resumable checkpoints; "
+                            "0: at each validation")
+    stop_after: int | None = Field(None, ge=1, description="end this invocation after this many "
+                                   "optimizer steps with a checkpoint (for time-limited jobs); "
+                                   "`--resume` continues")
+    log_every: int = Field(10, ge=1)
+    max_length: int = Field(1024, ge=8, description="longest training sequence in tokens")
+    seed: int = 0
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(128, ge=1)
+    splits: list[Literal["valid", "test"]] = Field(
+        default_factory=lambda: ["valid", "test"], description="scored with the best model "
+        "when training ends")
+
+
+# Tagged unions built from the registries: a new task or method module joins automatically.
+TaskSection = Annotated[Union[TASK_CONFIGS], Field(discriminator="name")]  # noqa: UP007
+MethodSection = Annotated[Union[METHOD_CONFIGS], Field(discriminator="name")]  # noqa: UP007
+
+
+class RunConfig(Section):
+    task: TaskSection  # type: ignore[valid-type]
+    method: MethodSection  # type: ignore[valid-type]
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    out_dir: str = Field("runs/{task}-{method}-{model}", description="run directory; "
+                         "{task}, {method}, {model} and {seed} are filled in")
+
+    def run_dir(self) -> Path:
+        return Path(self.out_dir.format(task=self.task.name, method=self.method.name,
+                                        model=Path(self.model.name).name, seed=self.train.seed))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML file (or start from `base`), apply `a.b.c=value` overrides, validate."""
+    data: dict[str, Any] = copy.deepcopy(base or {})
+    if path is not None:
+        data = deep_merge(data, read_yaml(Path(path)))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value",
+                              fix="write e.g. train.lr=3e-4")
+        set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return validate(data)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist",
+                          fix="give the path of a YAML file, e.g. configs/countdown_cot.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML ({exc})",
+                          fix="repair the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} does not hold a mapping of sections",
+                          fix="write sections such as `task:`, `method:`, `train:`")
+    return data
+
+
+def validate(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(*describe_validation_error(exc, data)) from None
+
+
+def describe_validation_error(exc: ValidationError, data: dict[str, Any]) -> tuple[str, str]:
+    """Turn pydantic's report into one problem and one fix, naming the dotted key."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS)]
+    key = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        section = _model_at(loc[:-1], data)
+        known = sorted(section.model_fields) if section else []
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"did you mean {'.'.join([*loc[:-1], close[0]])}?" if close else \
+            f"valid keys here: {', '.join(known)}"
+        return f"unknown config key {key}", f"remove it; {hint}"
+    if err["type"] == "union_tag_invalid":
+        return (f"{key}.name is {err['input'].get('name')!r}, which is not known" if isinstance(
+            err["input"], dict) else f"{key} is invalid",
+            f"use one of {err['ctx']['expected_tags']}")
+    if err["type"] == "union_tag_not_found":
+        return f"config section {key} has no `name`", f"set {key}.name"
+    if err["type"] == "missing":
+        return f"config key {key} is required", f"set {key}"
+    return (f"config key {key} = {err.get('input')!r} is invalid: {err['msg']}",
+            f"change {key}")
+
+
+def _model_at(loc: list[str], data: dict[str, Any]) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    node: Any = data
+    for part in loc:
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+        if part in ("task", "method"):
+            tags = {c.model_fields["name"].default: c for c in
+                    (TASK_CONFIGS if part == "task" else METHOD_CONFIGS)}
+            found = tags.get(node.get("name") if isinstance(node, dict) else None)
+            if found is None:
+                return None
+            model = found
+            continue
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+_UNION_TAGS = {c.model_fields["name"].default for c in (*TASK_CONFIGS, *METHOD_CONFIGS)}
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is not a section",
+                              fix=f"override {part} itself, not a key inside it")
+        node = child
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def dump_config(config: RunConfig, path: Path) -> None:
+    """Write the resolved config (every default filled in) as YAML."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,1 @@
+"""Training loop, checkpoints and generation: nothing here knows about methods or tasks."""

@@ -1,0 +1,24 @@
+"""What the engine and a trained module exchange: a step's output and a curriculum stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class StepOutput:
+    """What a trained module's `forward` returns: the loss and detached numbers to log."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One curriculum stage: the engine calls `set_stage(index)` and re-prepares the data."""
+
+    name: str
+    epochs: int
+    reset_optimizer: bool = False

@@ -1,0 +1,11 @@
+"""Method registry: each method is one module; adding one means adding it here."""
+
+from __future__ import annotations
+
+from latentlab.methods.base import Method, MethodConfig, Stage, StepOutput
+from latentlab.methods.cot import CoT, NoCoT
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (CoT, NoCoT)}
+METHOD_CONFIGS: tuple[type[MethodConfig], ...] = tuple(m.config_class for m in METHODS.values())
+
+__all__ = ["METHODS", "METHOD_CONFIGS", "Method", "MethodConfig", "Stage", "StepOutput"]

@@ -1,0 +1,176 @@
+"""The task interface: load a split, hand out examples, score a prediction.
+
+A task knows its data (files, generators, hub ids) and how to judge an answer. It knows nothing
+about tokens or models: methods decide how an `Example` is laid out as text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from latentlab.errors import DataError
+
+Split = Literal["train", "valid", "test"]
+SPLITS: tuple[Split, ...] = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One reasoning problem: question `x`, steps `s_1..s_K` (the CoT) and answer `y`.
+
+    `meta` holds what a task needs to score or analyse the example (Countdown's numbers and
+    target, ProsQA's graph, ...). It must be JSON-serialisable.
+    """
+
+    question: str
+    steps: tuple[str, ...]
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"question": self.question, "steps": list(self.steps), "answer": self.answer,
+                **({"meta": self.meta} if self.meta else {})}
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> Example:
+        return cls(question=row["question"], steps=tuple(row["steps"]), answer=row["answer"],
+                   meta=row.get("meta", {}))
+
+
+class TaskConfig(BaseModel):
+    """Options every task shares. A split with no file is generated (where the task can)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    train: str | None = Field(None, description="file for the train split; None: generate")
+    valid: str | None = Field(None, description="file for the valid split; None: generate")
+    test: str | None = Field(None, description="file for the test split; None: generate")
+    n_train: int = Field(20_000, ge=1, description="examples to generate for train")
+    n_valid: int = Field(500, ge=1, description="examples to generate for valid")
+    n_test: int = Field(1_000, ge=1, description="examples to generate for test")
+    seed: int = Field(0, description="seed of the generator (each split derives its own)")
+    limit: dict[str, int] = Field(default_factory=dict,
+                                  description="keep at most this many rows of a split")
+
+    def path(self, split: Split) -> str | None:
+        return getattr(self, split)
+
+    def size(self, split: Split) -> int:
+        return getattr(self, f"n_{split}")
+
+
+class Task(ABC):
+    """A task: where its examples come from and how a predicted answer is judged."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[TaskConfig]] = TaskConfig
+
+    def __init__(self, config: TaskConfig) -> None:
+        self.config = config
+
+    def load(self, split: Split) -> list[Example]:
+        """The examples of a split: read from the configured file, else generated."""
+        path = self.config.path(split)
+        if path is not None:
+            examples = self.read(resolve_path(path), split)
+        else:
+            examples = self.generate(split, self.config.size(split), self.config.seed)
+        if not examples:
+            raise DataError(f"the {split} split of task {self.name!r} is empty",
+                            fix=f"point task.{split} at a file with at least one example")
+        if split in self.config.limit:
+            examples = examples[: self.config.limit[split]]
+        return examples
+
+    @abstractmethod
+    def read(self, path: Path, split: Split) -> list[Example]:
+        """Parse a data file of this task."""
+
+    def generate(self, split: Split, n: int, seed: int) -> list[Example]:
+        raise DataError(f"task {self.name!r} cannot generate data and task.{split} is not set",
+                        fix=f"set task.{split} to a data file")
+
+    def write(self, examples: Iterable[Example], path: Path) -> None:
+        """Write examples in the format `read` accepts (JSON lines by default)."""
+        write_jsonl((e.to_json() for e in examples), path)
+
+    @abstractmethod
+    def score(self, prediction: str, example: Example) -> bool:
+        """Whether a predicted answer (the text after the answer marker) is correct."""
+
+
+def resolve_path(path: str | os.PathLike[str]) -> Path:
+    """Expand `~` and `$VARS`; `$LATENTLAB_SHARED` defaults to `../shared` (the reference data)."""
+    env = dict(os.environ)
+    env.setdefault("LATENTLAB_SHARED", str(Path("..", "shared").resolve()))
+    text = str(path)
+    for key in sorted(env, key=len, reverse=True):
+        text = text.replace("${" + key + "}", env[key]).replace("$" + key, env[key])
+    return Path(text).expanduser()
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, row) of a JSON-lines file, with errors that name file and line."""
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist", fix="check the path in the config")
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg})",
+                                    fix="repair or delete that line") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{lineno} is not a JSON object",
+                                    fix="each line must be one JSON object")
+                yield lineno, row
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start})",
+                        fix="re-encode the file as UTF-8") from None
+
+
+def require(row: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    """Raise a DataError naming the first missing field of a data row."""
+    for key in keys:
+        if key not in row:
+            raise DataError(f"{where} has no field {key!r}",
+                            fix=f"every row needs the fields {', '.join(keys)}")
+
+
+def example_from_row(row: dict[str, Any], where: str) -> Example:
+    """An `Example` from a row written by `Example.to_json`, checking each field's type."""
+    require(row, ("question", "steps", "answer"), where)
+    for key in ("question", "answer"):
+        if not isinstance(row[key], str):
+            raise DataError(f"{where}: field {key!r} is not a string",
+                            fix=f"write {key!r} as a JSON string")
+    steps = row["steps"]
+    if not isinstance(steps, list) or not all(isinstance(step, str) for step in steps):
+        raise DataError(f"{where}: field 'steps' is not a list of strings",
+                        fix="write 'steps' as a JSON list of strings")
+    if not isinstance(row.get("meta", {}), dict):
+        raise DataError(f"{where}: field 'meta' is not an object",
+                        fix="write 'meta' as a JSON object")
+    return Example.from_json(row)
+
+
+def write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> None:
+    """Write rows atomically: to a temporary name, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,88 @@
+"""Tokenizers, presets and the one place where the vocabulary grows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from latentlab.backbones import (
+    PRESETS,
+    add_special_tokens,
+    build_backbone,
+    build_tokenizer,
+    count_parameters,
+    train_tokenizer,
+)
+from latentlab.config import ModelConfig
+from latentlab.errors import ModelError
+
+CORPUS = ["Numbers: 25 5 4. Target: 80.\n25-5=20\n20*4=80\n### (25-5)*4",
+          "Every shumpus is a rempus. Tom is a shumpus.\n### Tom is a rempus."] * 50
+
+
+@pytest.mark.parametrize("text", [
+    "Numbers: 25 5 4. Target: 80.\n25-5=20\n",
+    "unseen wörds, émojis 🙂 and\ttabs  double  spaces\n\n",
+    "1234567890 + 0.5 = $1,234,568.40",
+])
+def test_trained_tokenizer_round_trips_any_text(text: str) -> None:
+    tok = train_tokenizer(CORPUS, 300)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+
+
+def test_trained_tokenizer_splits_digits_and_survives_save(tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = train_tokenizer(CORPUS, 300)
+    pieces = tok.convert_ids_to_tokens(tok("2580", add_special_tokens=False)["input_ids"])
+    assert pieces == ["2", "5", "8", "0"]
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Numbers: 25 5 4.\n### (25-5)*4"
+    assert again(text)["input_ids"] == tok(text)["input_ids"]
+    assert again.eos_token_id == tok.eos_token_id and again.pad_token_id == tok.pad_token_id
+
+
+def test_gpt2_bpe_tokenizer_from_shared_files(shared_data) -> None:
+    tok = build_tokenizer(ModelConfig(tokenizer="gpt2-bpe"), [])
+    assert len(tok) == 50257 + 1  # GPT-2's vocabulary plus an added pad token
+    assert tok("Hello world")["input_ids"] == [15496, 995]  # GPT-2's own ids
+
+
+@pytest.mark.parametrize(("preset", "expected"), [("gpt2-small", 124_439_808),
+                                                  ("qwen3-0.6b", 596_049_920)])
+def test_full_size_presets_match_published_parameter_counts(preset: str, expected: int) -> None:
+    vocab = 50257 if preset.startswith("gpt2") else 151936
+    spec = PRESETS[preset]
+    config = AutoConfig.for_model(spec.model_type, vocab_size=vocab, **spec.fields)
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert count_parameters(model) == expected
+
+
+def test_special_tokens_grow_embeddings_once_and_reject_a_foreign_tokenizer() -> None:
+    tok = train_tokenizer(CORPUS, 300)
+    model = build_backbone(ModelConfig(name="qwen3-tiny"), tok, seed=0)
+    before = model.get_input_embeddings().weight[:10].clone()
+    n = len(tok)
+    add_special_tokens(tok, model, ["<pause>", "<bot>"])
+    add_special_tokens(tok, model, ["<pause>"])  # already there: no change
+    assert model.get_input_embeddings().num_embeddings == len(tok) == n + 2
+    assert torch.equal(model.get_input_embeddings().weight[:10], before)
+    assert tok.convert_tokens_to_ids("<pause>") == n
+    assert tok("a<pause>b", add_special_tokens=False)["input_ids"][1] == n
+    big = train_tokenizer(CORPUS * 4 + [chr(i) * 3 for i in range(300, 700)], 700)
+    with pytest.raises(ModelError, match="do not belong together"):
+        add_special_tokens(big, model, [])
+
+
+def test_presets_are_seeded_and_unknown_models_fail_clearly() -> None:
+    tok = train_tokenizer(CORPUS, 300)
+    a = build_backbone(ModelConfig(name="gpt2-tiny"), tok, seed=3)
+    b = build_backbone(ModelConfig(name="gpt2-tiny"), tok, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    with pytest.raises(ModelError, match="cannot load the model"):
+        build_backbone(ModelConfig(name="/nonexistent/model-dir"), tok, seed=0)

@@ -1,0 +1,56 @@
+"""Batched KV-cached greedy decoding against independent per-example recomputation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentlab.backbones import build_backbone, train_tokenizer
+from latentlab.config import ModelConfig
+from latentlab.engine.generation import greedy_decode, left_pad, prefill
+
+TEXTS = ["Numbers: 3 5 7. Target: 22.\n3*5=15\n15+7=22\n### 3*5+7"] * 20 + [
+    "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or zorpus?\n"]
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+def test_cached_batched_decoding_equals_uncached_recomputation(preset: str) -> None:
+    tokenizer = train_tokenizer(TEXTS, 300)
+    model = build_backbone(ModelConfig(name=preset), tokenizer, seed=1).eval()
+    prompts = ["Numbers: 3 5 7. Target: 22.\n", "Tom is a wumpus.\n",
+               "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or zorpus?\n"]
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    n_new = 12
+    with torch.no_grad():
+        state = prefill(model, mask, input_ids=ids)
+        # eos_id=-1: never stop early, so every row decodes n_new tokens
+        generated = greedy_decode(model, state, n_new, eos_id=-1, pad_id=tokenizer.pad_token_id)
+    assert generated.shape == (3, n_new)
+    for row, prompt in enumerate(prompt_ids):
+        # Reference: this example alone, no padding, no cache, the whole sequence each step.
+        seq = list(prompt)
+        for step in range(n_new):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([seq])).logits[0, -1]
+            token = int(logits.argmax())
+            assert token == int(generated[row, step]), (preset, row, step)
+            seq.append(token)
+
+
+def test_decoding_stops_rows_at_eos_and_pads_after() -> None:
+    tokenizer = train_tokenizer(TEXTS, 300)
+    model = build_backbone(ModelConfig(name="gpt2-tiny"), tokenizer, seed=0).eval()
+    ids, mask = left_pad([[5, 6, 7], [8]], tokenizer.pad_token_id)
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        free = greedy_decode(model, prefill(model, mask, input_ids=ids), 6, -1, pad)
+        eos = int(free[0, 0])  # pretend row 0's first token is EOS
+        stopped = greedy_decode(model, prefill(model, mask, input_ids=ids), 6, eos, pad)
+    expected = []
+    for row in free.tolist():
+        end = row.index(eos) + 1 if eos in row else len(row)
+        expected.append(row[:end] + [pad] * (len(row) - end))
+    width = stopped.shape[1]  # decoding ends early once every row has ended
+    assert stopped.tolist() == [r[:width] for r in expected]
+    assert all(pad == t for r in expected for t in r[width:])
