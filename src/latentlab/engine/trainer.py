@@ -216,7 +216,7 @@ class Trainer:
         with self.acc.autocast():
             metrics = self.evaluate(state.step)
         self.model.train()
-        self.log({"step": state.step, "split": "valid", **metrics})
+        self.log({"step": state.step, "stage": state.stage, "split": "valid", **metrics})
         self.acc.print(f"step {state.step}: validation "
                        + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         score = metrics[self.select_metric]

@@ -43,8 +43,10 @@ class CoT(Method):
         return sequence(pieces)
 
     def forward(self, batch: Batch) -> StepOutput:
-        hidden = self.backbone.base_model(input_ids=batch["input_ids"],
-                                          attention_mask=batch["attention_mask"]).last_hidden_state
+        # Right padding puts every pad after every real token, so the causal mask alone is
+        # exact; passing no padding mask lets SDPA use its flash kernel instead of
+        # materialising B x H x T x T attention weights.
+        hidden = self.backbone.base_model(input_ids=batch["input_ids"]).last_hidden_state
         return StepOutput(lm_loss(self.backbone, hidden, batch["labels"]))
 
 

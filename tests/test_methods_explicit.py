@@ -1,0 +1,64 @@
+"""CoT / No-CoT: what is trained, and the padded batch against separate passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentlab.backbones import build_backbone, train_tokenizer
+from latentlab.config import ModelConfig
+from latentlab.methods.base import IGNORE, extract_answer
+from latentlab.methods.cot import CoT, CoTConfig, NoCoT, NoCoTConfig
+from latentlab.tasks.base import Example
+
+EXAMPLES = [
+    Example("Numbers: 3 5 7. Target: 22.", ("3*5=15", "15+7=22"), "3*5+7"),
+    Example("Numbers: 9 2 4 8. Target: 10.", ("9-8=1", "4*2=8", "8+1=9"), "4*2+9-8"),
+    Example("Numbers: 1 2. Target: 3.", ("1+2=3",), "1+2"),
+]
+
+
+def make(method_cls, config, preset: str = "gpt2-tiny"):
+    texts = [e.question + "\n" + "\n".join(e.steps) + "\n### " + e.answer for e in EXAMPLES]
+    tok = train_tokenizer(texts * 10, 300)
+    return method_cls(config, build_backbone(ModelConfig(name=preset), tok, seed=0), tok)
+
+
+def test_cot_labels_cover_steps_and_answer_nocot_only_the_answer() -> None:
+    cot, nocot = make(CoT, CoTConfig()), make(NoCoT, NoCoTConfig())
+    ex = EXAMPLES[0]
+    for method, target in ((cot, "3*5=15\n15+7=22\n### 3*5+7"), (nocot, "### 3*5+7")):
+        f = method.encode(ex)
+        trained = [t for t, lab in zip(f["input_ids"], f["labels"], strict=True) if lab != IGNORE]
+        assert trained[-1] == method.tokenizer.eos_token_id
+        assert method.tokenizer.decode(trained[:-1]) == target
+        prompt = method.prompt_ids(ex)
+        assert f["input_ids"][: len(prompt)] == prompt
+        assert all(lab == IGNORE for lab in f["labels"][: len(prompt)])
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+def test_padded_batch_loss_equals_separate_unpadded_passes(preset: str) -> None:
+    cot = make(CoT, CoTConfig(), preset).eval()
+    features = [cot.encode(e) for e in EXAMPLES]
+    with torch.no_grad():
+        batch_loss = cot(cot.collate(features)).loss
+        # Independent reference: each example alone through the HF model, token-weighted.
+        total, count = 0.0, 0
+        for f in features:
+            ids, labels = torch.tensor([f["input_ids"]]), torch.tensor([f["labels"]])
+            logits = cot.backbone(input_ids=ids).logits[0, :-1]
+            keep = labels[0, 1:] != IGNORE
+            total += torch.nn.functional.cross_entropy(
+                logits[keep], labels[0, 1:][keep], reduction="sum").item()
+            count += int(keep.sum())
+    assert batch_loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_generate_returns_text_after_the_prompt_and_answers_are_extracted() -> None:
+    cot = make(CoT, CoTConfig()).eval()
+    completions = cot.generate(EXAMPLES, max_new_tokens=5)
+    assert len(completions) == 3 and all(isinstance(c, str) for c in completions)
+    assert extract_answer("1+2=3\n### 1+2\nextra") == "1+2"
+    assert extract_answer("no marker") == ""
+    assert extract_answer("### a\n### b") == "b"
