@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from latentlab.tasks.base import resolve_path
 
@@ -16,3 +18,35 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip("reference data ../shared/data not found; set LATENTLAB_SHARED")
     return path
+
+
+# A tiny Countdown CoT run whose 12 steps cross two epoch boundaries, checkpoint every 2 steps,
+# validate every 4 and log every 3 (so checkpoints fall inside a logging window).
+RUN_CONFIG = {
+    "task": {"name": "countdown", "operands": 3, "max_operand": 9, "min_target": 10,
+             "max_target": 30, "n_train": 40, "n_valid": 8, "n_test": 8},
+    "method": {"name": "cot"},
+    "model": {"name": "gpt2-tiny", "tokenizer_vocab_size": 300},
+    "train": {"max_steps": 12, "batch_size": 8, "lr": 3e-3, "log_every": 3, "eval_every": 4,
+              "eval_samples": 4, "save_every": 2},
+    "eval": {"batch_size": 8, "max_new_tokens": 24, "splits": ["test"]},
+}
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    config: Path  # RUN_CONFIG as a YAML file
+    run_dir: Path  # an uninterrupted run of it: the reference, never to be modified
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+    """RUN_CONFIG trained once per session, without interruption, through the CLI."""
+    from latentlab.cli import main
+
+    root = tmp_path_factory.mktemp("finished")
+    config = root / "run.yaml"
+    config.write_text(yaml.safe_dump(RUN_CONFIG))
+    run_dir = root / "run"
+    assert main(["train", str(config), f"out_dir={run_dir}"]) == 0
+    return FinishedRun(config, run_dir)

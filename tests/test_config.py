@@ -52,3 +52,17 @@ def test_every_shipped_config_validates() -> None:
     assert configs, "configs/ is empty"
     for path in configs:
         load_config(path)
+
+
+def test_extends_merges_a_parent_config_and_rejects_cycles(tmp_path: Path) -> None:
+    (tmp_path / "parent.yaml").write_text(
+        "task: {name: countdown, operands: 4}\nmethod: {name: nocot}\ntrain: {lr: 0.1}\n")
+    (tmp_path / "child.yaml").write_text(
+        "extends: parent.yaml\nmethod: {name: liu, latent_budget: 8}\ntrain: {epochs: 2}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.task.operands, cfg.method.name, cfg.method.latent_budget) == (4, "liu", 8)
+    assert (cfg.train.lr, cfg.train.epochs) == (0.1, 2)
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "a.yaml")

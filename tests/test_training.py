@@ -86,3 +86,39 @@ def test_cli_train_then_eval_prints_json(tmp_path: Path, capsys, monkeypatch) ->
     assert main(["train", str(config), f"out_dir={run}"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_init_from_starts_a_new_method_from_an_earlier_runs_best_model(tmp_path: Path) -> None:
+    from latentlab.run import build_method, load_run
+
+    base_dir = tmp_path / "base"
+    train(tiny(base_dir, "train.max_steps=3"))
+    config = tiny(tmp_path / "next", "method.name=nocot", f"model.init_from={base_dir}")
+    method = build_method(config, [], tmp_path / "next")
+    base, _ = load_run(base_dir)
+    start = method.backbone.state_dict()
+    assert start.keys() == base.backbone.state_dict().keys()
+    assert all(torch.equal(v, base.backbone.state_dict()[k]) for k, v in start.items())
+    assert method.tokenizer.get_vocab() == base.tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize("method", sorted(__import__("latentlab.methods").methods.METHODS))
+def test_every_method_trains_saves_reloads_and_generates(tmp_path: Path, method: str) -> None:
+    from latentlab.run import load_run
+
+    results = train(tiny(tmp_path, f"method.name={method}", "train.max_steps=2",
+                         "train.eval_every=2"))
+    assert results["method"] == method and results["test"]["n"] == 8
+    reloaded, _ = load_run(tmp_path)
+    # best/ was exported at step 2, the last step: it must hold the trained weights, the
+    # method's own parameters (soft tokens, a coprocessor, ...) included.
+    trained = final_weights(tmp_path)
+    state = reloaded.state_dict()
+    assert trained and all(torch.equal(v, state[k]) for k, v in trained.items())
+    assert len(reloaded.generate([reloaded_example()], 4)) == 1
+
+
+def reloaded_example():
+    from latentlab.tasks.base import Example
+
+    return Example("Numbers: 2 3 4. Target: 20.", ("2+3=5", "5*4=20"), "(2+3)*4")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -57,6 +58,8 @@ PRESETS: dict[str, Preset] = {
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+# What `from_pretrained` raises on missing, damaged or mismatched files.
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
 
 
 def build_tokenizer(config: ModelConfig, training_texts: Iterable[str]) -> PreTrainedTokenizerBase:
@@ -135,7 +138,7 @@ def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
     source = str(local) if local.exists() else name
     try:
         return cls.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
+    except LOAD_ERRORS as exc:
         presets = ", ".join(PRESETS)
         raise ModelError(
             f"cannot load the {what} {name!r} ({str(exc).splitlines()[0]})",
@@ -169,10 +172,27 @@ def load_pretrained_dir(path: Path, attn_implementation: str = "sdpa"
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} holds no saved model",
                          fix="point at a finished run directory (it has best/model)")
-    model = AutoModelForCausalLM.from_pretrained(str(path),
-                                                 attn_implementation=attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return model, tokenizer
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path),
+                                                     attn_implementation=attn_implementation)
+    except LOAD_ERRORS as exc:
+        raise _damaged(path, "model", exc) from None
+    return model, load_saved_tokenizer(path)
+
+
+def load_saved_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """A tokenizer written by `save_pretrained` (a run's `tokenizer/` or `best/model`)."""
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except LOAD_ERRORS as exc:
+        raise _damaged(path, "tokenizer", exc) from None
+
+
+def _damaged(path: Path, what: str, exc: Exception) -> ModelError:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelError(f"the {what} saved in {path} cannot be loaded ({detail})",
+                      fix="its files are damaged or incomplete: restore them, or train the "
+                          "run that wrote them again")
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:

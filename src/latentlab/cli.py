@@ -1,28 +1,60 @@
 """`latentlab` command line: train, eval, data, demo.
 
-User errors (bad config, missing file, ...) print one line naming the problem and the fix and
-exit with status 2; no traceback.
+User errors (bad config, missing file, a path that cannot be read or written, ...) print one
+line naming the problem and the fix and exit with status 2; no traceback. SIGINT or SIGTERM
+exits with status 130 (during training, after saving a checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from latentlab.errors import LatentlabError
+from latentlab.errors import LatentlabError, PathError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_interrupts():
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as exc:  # outside the training loop, which saves and stops itself
+        return _report(f"interrupted by {exc or 'SIGINT'}. Fix: run the command again (a "
+                       "training run continues from its last checkpoint with --resume).", 130)
+    except OSError as exc:
+        return _report(str(PathError.from_os_error(exc)), 2)
     except LatentlabError as err:
         from latentlab.engine.trainer import Interrupted
-        print(f"latentlab: error: {err}", file=sys.stderr)
-        return 130 if isinstance(err, Interrupted) else 2
+        return _report(str(err), 130 if isinstance(err, Interrupted) else 2)
+
+
+def _report(message: str, status: int) -> int:
+    print("latentlab: error: " + " ".join(message.split()), file=sys.stderr)  # one line
+    return status
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Let SIGTERM stop the command as Ctrl-C does (a KeyboardInterrupt), not kill it."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    try:
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt)}
+    except ValueError:  # not the main thread (main() called from a library): leave it alone
+        previous = {}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("options", nargs="*", help="task options, e.g. max_operand=50")
     g.set_defaults(func=cmd_data_generate)
 
+    p = sub.add_parser("analyze", help="latent diagnostics of a run: subspace capture "
+                       "heatmap, silhouette, latents decoded to tokens")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    p.add_argument("--n", type=int, default=500, help="examples whose latents are collected")
+    p.add_argument("--top-k", type=int, default=5, help="tokens listed per latent")
+    p.add_argument("--readout", default="lm_head", choices=["lm_head", "embeddings"])
+    p.add_argument("--variance", type=float, default=0.9,
+                   help="variance each slot's principal subspace explains")
+    p.add_argument("--max-components", type=int, help="cap on a slot's subspace dimension")
+    p.set_defaults(func=cmd_analyze)
+
     p = sub.add_parser("demo", help="a few-minute CPU comparison of every method")
     p.add_argument("--methods", help="comma-separated subset, e.g. cot,nocot")
     p.add_argument("--out", type=Path, default=None, help="demo directory (default: new one "
@@ -87,8 +131,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_data_generate(args: argparse.Namespace) -> int:
     from latentlab.config import load_config
+    from latentlab.errors import ConfigError
     from latentlab.tasks import build_task
 
+    if args.n < 1:
+        raise ConfigError(f"--n is {args.n}", fix="give the number of examples, 1 or more")
     overrides = [f"task.{o}" for o in args.options]
     if args.operands is not None:
         overrides.append(f"task.operands={args.operands}")
@@ -99,6 +146,15 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
     task.write(examples, args.out)
     print(json.dumps({"task": args.task, "split": args.split, "n": len(examples),
                       "out": str(args.out)}))
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from latentlab.analysis import analyze_run
+
+    summary = analyze_run(args.run_dir, args.split, args.n, args.top_k, args.readout,
+                          args.variance, args.max_components)
+    print(json.dumps(summary))
     return 0
 
 

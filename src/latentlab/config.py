@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from latentlab.errors import ConfigError
+from latentlab.errors import ConfigError, require_file
 from latentlab.methods import METHOD_CONFIGS
 from latentlab.tasks import TASK_CONFIGS
 
@@ -39,7 +39,8 @@ class ModelConfig(Section):
 
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1, description="passes over the training split")
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; ends training "
+                                  "early if the epochs would take more (never extends them)")
     batch_size: int = Field(32, ge=1, description="examples per device per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     lr: float = Field(1e-4, gt=0)
@@ -61,6 +62,9 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     max_length: int = Field(1024, ge=8, description="longest training sequence in tokens")
     seed: int = 0
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/Inf loss or gradient: 'stop' the run (the last checkpoint "
+        "is kept), or 'skip' the step (no update; logged as {step, skipped: nonfinite})")
 
 
 class EvalConfig(Section):
@@ -95,7 +99,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a YAML file (or start from `base`), apply `a.b.c=value` overrides, validate."""
     data: dict[str, Any] = copy.deepcopy(base or {})
     if path is not None:
-        data = deep_merge(data, read_yaml(Path(path)))
+        data = deep_merge(data, read_config_file(Path(path)))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -105,14 +109,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return validate(data)
 
 
+def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config; `extends: other.yaml` (relative to this file) is read first and this
+    file's keys are merged over it, so a variant states only what differs."""
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path} extends itself through {seen[-1]}",
+                          fix="remove the circular `extends`")
+    data = read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    return deep_merge(read_config_file(path.parent / str(parent), (*seen, path.resolve())), data)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist",
-                          fix="give the path of a YAML file, e.g. configs/countdown_cot.yaml")
+    require_file(path, "config file", "give the path of a YAML file, e.g. "
+                 "configs/countdown_cot.yaml", ConfigError)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid YAML ({exc})",
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})",
+                          fix="re-encode the file as UTF-8") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML ({' '.join(str(exc).split())})",
                           fix="repair the YAML syntax") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} does not hold a mapping of sections",
@@ -147,6 +166,9 @@ def describe_validation_error(exc: ValidationError, data: dict[str, Any]) -> tup
         return f"config section {key} has no `name`", f"set {key}.name"
     if err["type"] == "missing":
         return f"config key {key} is required", f"set {key}"
+    if isinstance(err.get("input"), dict):  # a check across a section's keys: name the section
+        return (f"config section {key} is invalid: {err['msg'].removeprefix('Value error, ')}",
+                f"change the values in {key}")
     return (f"config key {key} = {err.get('input')!r} is invalid: {err['msg']}",
             f"change {key}")
 

@@ -20,11 +20,11 @@ from latentlab.methods import METHODS
 from latentlab.run import train
 
 DEMO_BASE: dict[str, Any] = {
-    "task": {"name": "countdown", "operands": 3, "max_operand": 20, "min_target": 10,
+    "task": {"name": "countdown", "operands": 3, "max_operand": 10, "min_target": 10,
              "max_target": 40, "n_train": 6000, "n_valid": 100, "n_test": 300, "seed": 0},
     "model": {"name": "gpt2-tiny", "tokenizer_vocab_size": 300},
-    "train": {"max_steps": 500, "batch_size": 32, "lr": 2e-3, "warmup_steps": 25,
-              "eval_every": 250, "eval_samples": 100, "log_every": 25, "seed": 0},
+    "train": {"max_steps": 1500, "batch_size": 32, "lr": 2e-3, "warmup_steps": 25,
+              "eval_every": 500, "eval_samples": 100, "log_every": 25, "seed": 0},
     "eval": {"batch_size": 100, "max_new_tokens": 40},
 }
 

@@ -7,18 +7,23 @@ scores any method on any list of examples; `load_run` rebuilds a trained method 
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterable
 from importlib import metadata
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed, tqdm
+from torch import Tensor
 
 from latentlab.backbones import (
     add_special_tokens,
@@ -26,17 +31,26 @@ from latentlab.backbones import (
     build_tokenizer,
     count_parameters,
     load_pretrained_dir,
+    load_saved_tokenizer,
 )
 from latentlab.config import RunConfig, dump_config, load_config
-from latentlab.engine.checkpoint import atomic_write_text
+from latentlab.engine.checkpoint import atomic_write_text, existing_dir, replace_dir
 from latentlab.engine.trainer import Trainer
 from latentlab.errors import ConfigError, DataError, RunError
 from latentlab.methods import METHODS, Method
 from latentlab.methods.base import answer_text, extract_answer, prompt_text, steps_text
 from latentlab.tasks import build_task
 from latentlab.tasks.base import Example, Split, Task, resolve_path
+from latentlab.tasks.text import TextTask
 
 CONFIG_FILE = "config.yaml"
+# What a run writes besides config.yaml and deletes or replaces when it runs again: a directory
+# holding any of them but no config.yaml is not a run, and is refused rather than overwritten.
+RUN_ENTRIES = ("checkpoints", "best", "metrics.jsonl", "results.json", "environment.json")
+# Config keys a `--resume` may change: where this invocation ends, and how a NaN is handled
+# from now on (a run stopped by one continues with `train.on_nonfinite=skip`).
+RESUMABLE_CHANGES = ("stop_after", "on_nonfinite")
+TOKENIZER_DOCUMENTS = 200  # documents a text run trains its tokenizer on
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
@@ -53,23 +67,34 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     acc = make_accelerator(config.train.mixed_precision)
     set_seed(config.train.seed)
     task = build_task(config.task)
-    train_set, valid_set = task.load("train"), task.load("valid")
+    text = isinstance(task, TextTask)
+    if text:  # pretraining: token windows, judged by perplexity
+        sample = islice(task.documents("train"), TOKENIZER_DOCUMENTS)
+        method = build_method(config, sample, run_dir)
+        train_data = task.windows("train", method.tokenizer)
+        valid_data = task.windows("valid", method.tokenizer)
+        encode: Any = method.encode_text
+    else:
+        train_data, valid_data = task.load("train"), task.load("valid")
+        texts = (prompt_text(e) + steps_text(e.steps) + answer_text(e) for e in train_data)
+        method = build_method(config, texts, run_dir)
+        encode = method.encode
+    # Only now that data and model load is the directory a run (a failed start leaves none).
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(config, run_dir / CONFIG_FILE)
         write_environment(run_dir / "environment.json")
     acc.wait_for_everyone()
-
-    method = build_method(config, train_set, run_dir)
     n_params = count_parameters(method)
     n_trainable = count_parameters(method, trainable_only=True)
     acc.print(f"[latentlab] {config.method.name} on {config.task.name}: {n_params:,} parameters "
-              f"({n_trainable:,} trained), {len(train_set):,} train / {len(valid_set):,} valid "
-              f"examples, run directory {run_dir}")
+              f"({n_trainable:,} trained), {len(train_data):,} train / {len(valid_data):,} "
+              f"valid {'windows' if text else 'examples'}, run directory {run_dir}")
 
     def prepare(stage: int) -> list[dict[str, Any]]:
-        features = [method.encode(e) for e in train_set]
-        kept = [f for f in features if len(f["input_ids"]) <= config.train.max_length]
+        features = [encode(e) for e in train_data]
+        kept = [f for f in features if sum(len(v) for k, v in f.items()
+                                           if k.endswith("ids")) <= config.train.max_length]
         if not kept:
             raise DataError(f"every training example is longer than train.max_length="
                             f"{config.train.max_length} tokens", fix="raise train.max_length")
@@ -78,15 +103,18 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
                       f"longer than train.max_length={config.train.max_length}")
         return kept
 
-    eval_subset = valid_set[: config.train.eval_samples]
+    eval_subset = valid_data[: config.train.eval_samples]
 
-    def validate(step: int) -> dict[str, float]:
-        metrics, _ = evaluate(method, task, eval_subset, config.eval, acc)
-        return metrics
+    def validate(step: int) -> dict[str, Any]:
+        if text:
+            return perplexity(method, eval_subset, config.eval.batch_size)
+        return evaluate(method, task, eval_subset, config.eval, acc)[0]
 
-    trainer = Trainer(method, config.train, run_dir, acc, method.collate, validate)
+    trainer = Trainer(method, config.train, run_dir, acc, method.collate, validate,
+                      select_metric="perplexity" if text else "accuracy",
+                      select_mode="min" if text else "max")
     stages = method.stages(config.train.epochs)
-    trainer.fit(stages, prepare, num_examples=len(train_set), resume=resume)
+    trainer.fit(stages, prepare, num_examples=len(train_data), resume=resume)
 
     # Score the best model (chosen on validation) on the final splits.
     best, _ = load_run(run_dir, acc.device)
@@ -94,8 +122,12 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
                                "model": config.model.name, "run_dir": str(run_dir),
                                "parameters": n_params, "trainable_parameters": n_trainable}
     for split in config.eval.splits:
-        examples = valid_set if split == "valid" else task.load(split)
         with acc.autocast():
+            if text:
+                windows = valid_data if split == "valid" else task.windows(split, best.tokenizer)
+                results[split] = perplexity(best, windows, config.eval.batch_size)
+                continue
+            examples = valid_data if split == "valid" else task.load(split)
             metrics, rows = evaluate(best, task, examples, config.eval, acc)
         results[split] = metrics
         if acc.is_main_process:
@@ -105,39 +137,90 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     return results
 
 
-def build_method(config: RunConfig, train_set: list[Example], run_dir: Path) -> Method:
+@torch.no_grad()
+def perplexity(method: Method, windows: list[list[int]], batch_size: int) -> dict[str, Any]:
+    """Validation perplexity of a pretraining run, and by position where the method scores
+    positions (the k-th token after the latents): `perplexity_by_position[k-1]`."""
+    was_training = method.training
+    method.eval()
+    sums: dict[str, Tensor] = {}
+    count = 0
+    for start in range(0, len(windows), batch_size):
+        features = [method.encode_text(w) for w in windows[start:start + batch_size]]
+        batch = {k: v.to(method.device) if isinstance(v, Tensor) else v
+                 for k, v in method.collate(features).items()}
+        terms = method.text_nll(batch)
+        for name, nll in terms.items():
+            per_position = nll.flatten(0, -2).sum(0)
+            sums[name] = sums[name] + per_position if name in sums else per_position
+        count += terms["nll"].flatten(0, -2).shape[0]  # rows of scored positions
+    method.train(was_training)
+    out: dict[str, Any] = {"n": len(windows)}
+    for name, total in sums.items():
+        prefix = name.removesuffix("nll")
+        out[f"{prefix}perplexity"] = math.exp(float(total.sum()) / (count * total.numel()))
+        if name != "nll" or "base_nll" in sums:
+            out[f"{prefix}perplexity_by_position"] = (total / count).exp().tolist()
+    return out
+
+
+def build_method(config: RunConfig, training_texts: Iterable[str], run_dir: Path) -> Method:
     """Tokenizer (reused from the run dir on resume), backbone, special tokens, method."""
     method_cls = METHODS[config.method.name]
+    saved, new_tokenizer = run_dir / "tokenizer", None
     if config.model.init_from:
-        source = resolve_path(config.model.init_from) / "best"
-        if not source.is_dir():
-            raise ConfigError(f"model.init_from={config.model.init_from} has no best/ model",
-                              fix="point it at a run directory whose training finished")
-        backbone, tokenizer = load_pretrained_dir(source / "model",
+        best = _init_source(config)
+        backbone, tokenizer = load_pretrained_dir(best / "model",
                                                   config.model.attn_implementation)
     else:
-        saved = run_dir / "tokenizer"
-        if saved.is_dir():  # resume: the exact tokenizer the run started with
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(str(saved))
+        if (run_dir / CONFIG_FILE).is_file() and saved.is_dir():
+            tokenizer = load_saved_tokenizer(saved)  # resume: the run's own tokenizer
         else:
-            texts = (prompt_text(e) + steps_text(e.steps) + answer_text(e) for e in train_set)
-            tokenizer = build_tokenizer(config.model, texts)
-            tokenizer.save_pretrained(str(saved))
+            tokenizer = build_tokenizer(config.model, training_texts)
+            # Saved as it is now, before the method adds its tokens: a resumed run then
+            # builds the same backbone. Saved last, so that a failed start writes nothing.
+            new_tokenizer = copy.deepcopy(tokenizer)
         backbone = build_backbone(config.model, tokenizer, config.train.seed)
     add_special_tokens(tokenizer, backbone, method_cls.special_tokens(config.method))
-    return method_cls(config.method, backbone, tokenizer)
+    method = method_cls(config.method, backbone, tokenizer)
+    if new_tokenizer is not None:
+        replace_dir(saved, new_tokenizer.save_pretrained)
+    return method
+
+
+def _init_source(config: RunConfig) -> Path:
+    """The `best/` directory `model.init_from` names, after checking the run it belongs to
+    trained the model this config describes (same architecture and tokenizer)."""
+    source = resolve_path(str(config.model.init_from))
+    where = f"model.init_from={config.model.init_from}"
+    if not (source / CONFIG_FILE).is_file():
+        raise ConfigError(f"{where} is not a latentlab run directory (no {CONFIG_FILE})"
+                          if source.is_dir() else f"{where} does not exist",
+                          fix="point it at the directory of a finished `latentlab train` run")
+    before = load_config(source / CONFIG_FILE).model
+    compared = ("name", "tokenizer", "tokenizer_vocab_size", "preset_overrides")
+    differ = [k for k in compared if getattr(before, k) != getattr(config.model, k)]
+    if differ:
+        theirs = ", ".join(f"model.{k}={getattr(before, k)}" for k in differ)
+        raise ConfigError(f"{where} trained another model ({theirs}) than this config describes",
+                          fix=f"set {theirs}, or start from a run of this model")
+    best = existing_dir(source / "best")
+    if best is None:
+        raise ConfigError(f"{where} has no best/ model",
+                          fix="point it at a run directory whose training finished")
+    return best
 
 
 def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[Method, RunConfig]:
     """The best model of a finished run, ready for `evaluate`."""
     config_file = run_dir / CONFIG_FILE
     if not config_file.is_file():
-        raise RunError(f"{run_dir} is not a latentlab run directory (no {CONFIG_FILE})",
+        raise RunError(f"{run_dir} is not a latentlab run directory (no {CONFIG_FILE})"
+                       if run_dir.is_dir() else f"run directory {run_dir} does not exist",
                        fix="give the directory a `latentlab train` run wrote")
     config = load_config(config_file)
-    best = run_dir / "best"
-    if not (best / "model").is_dir():
+    best = existing_dir(run_dir / "best")
+    if best is None or not (best / "model").is_dir():
         raise RunError(f"run {run_dir} has no best model yet",
                        fix="let training reach its first validation, or resume it")
     backbone, tokenizer = load_pretrained_dir(best / "model", config.model.attn_implementation)
@@ -185,9 +268,21 @@ def evaluate_run(run_dir: Path, split: Split = "test", data: Path | None = None,
                  batch_size: int | None = None,
                  max_new_tokens: int | None = None) -> dict[str, Any]:
     """Score a finished run's best model on a split, or on any file of the run's task."""
+    options = {"batch_size": batch_size, "max_new_tokens": max_new_tokens}
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} is {value}", fix="give 1 or more")
     acc = make_accelerator("auto")
     method, config = load_run(run_dir, acc.device)
     task = build_task(config.task)
+    if isinstance(task, TextTask):
+        if data is not None:
+            raise DataError("--data is for reasoning tasks; a text run is scored on its "
+                            "corpus splits", fix="drop --data, choose --split valid or test")
+        metrics = perplexity(method, task.windows(split, method.tokenizer),
+                             batch_size or config.eval.batch_size)
+        return {"task": config.task.name, "method": config.method.name, "split": split,
+                **metrics, "run_dir": str(run_dir)}
     if data is not None:
         examples = task.read(resolve_path(data), split)
         if not examples:
@@ -195,8 +290,7 @@ def evaluate_run(run_dir: Path, split: Split = "test", data: Path | None = None,
     else:
         examples = task.load(split)
     eval_config = config.eval.model_copy(update={
-        k: v for k, v in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens))
-        if v is not None})
+        k: v for k, v in options.items() if v is not None})
     with acc.autocast():
         metrics, rows = evaluate(method, task, examples, eval_config, acc)
     name = split if data is None else f"{split}-{Path(data).stem}"
@@ -212,20 +306,30 @@ def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
+    """Refuse to start where results would be overwritten; `--resume` only the same run."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"run directory {run_dir} is a file",
+                       fix="set out_dir=... to a new directory")
     existing = run_dir / CONFIG_FILE
-    if not resume and existing.exists():
+    if not existing.exists():
+        # Without config.yaml a directory holds no run (a failed start writes none).
+        if run_dir.is_dir() and (found := [n for n in RUN_ENTRIES if (run_dir / n).exists()]):
+            raise RunError(f"{run_dir} holds {', '.join(found)} but no {CONFIG_FILE}: it is not "
+                           "a latentlab run, and starting one there would overwrite them",
+                           fix="set out_dir=... to a new or empty directory")
+        return
+    if not resume:
         raise RunError(f"run directory {run_dir} already holds a run",
                        fix="add --resume to continue it, or set out_dir=... to start another")
-    if resume and existing.exists():
-        before = load_config(existing).model_dump()
-        now = config.model_dump()
-        # Where the invocation ends may change between invocations; nothing else may.
-        before["train"].pop("stop_after"), now["train"].pop("stop_after")
-        if before != now:
-            changed = _diff_keys(before, now)
-            raise ConfigError(f"--resume with a config that differs from the run's in "
-                              f"{', '.join(changed)}",
-                              fix=f"resume with the run's own config ({existing})")
+    before = load_config(existing).model_dump()
+    now = config.model_dump()
+    for key in RESUMABLE_CHANGES:
+        before["train"].pop(key), now["train"].pop(key)
+    if before != now:
+        changed = _diff_keys(before, now)
+        raise ConfigError(f"--resume with a config that differs from the run's in "
+                          f"{', '.join(changed)}",
+                          fix=f"resume with the run's own config ({existing})")
 
 
 def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -1,31 +1,55 @@
-"""Resumable checkpoints, written atomically.
+"""Resumable checkpoints and the best model, written atomically.
 
-Layout under `RUN_DIR/checkpoints/`:
-    step-000120/            one complete checkpoint
-        model.safetensors   every parameter and buffer of the trained module
+Layout under `RUN_DIR/`:
+    checkpoints/step-0000120/   one complete checkpoint
+        model.safetensors       every parameter and buffer of the trained module
         optimizer.pt, scheduler.pt, rng-<rank>.pt
-        state.json          written last: a directory without it is incomplete
-    latest                  the name of the newest complete checkpoint (replaced atomically)
+        state.json              written last: a directory without it is incomplete
+    checkpoints/latest          the name of the newest complete checkpoint (replaced atomically)
+    best/                       the best model so far (`save_pretrained`), swapped in atomically
 
-A checkpoint is written under a temporary name, renamed once complete, and only then named in
-`latest`; older checkpoints are deleted after that. A crash at any moment leaves the previous
-checkpoint loadable, and a partial one is never loaded.
+A checkpoint is written under a temporary name (`step-0000120.tmp`), renamed once complete, and
+only then named in `latest`; older checkpoints are deleted after that. A crash at any moment
+leaves the previous checkpoint loadable, and a partial one is never loaded.
+
+Fault injection, for tests only: with `LATENTLAB_FAULT=<point>:<step>` in the environment the
+process kills itself with SIGKILL at that point of the write for optimizer step `<step>`:
+`model_written` (a checkpoint's model file is written, its other files are not),
+`renamed` (the checkpoint is in place but `latest` still names the previous one) and
+`best_moved` (the previous `best/` is moved aside, the new one not yet in place).
+`tests/test_crash_resume.py` uses it to prove that a crash at these moments loses nothing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
+import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from latentlab.errors import RunError
+
+FAULT_ENV = "LATENTLAB_FAULT"
+STATE_FILE = "state.json"
+# What reading a damaged or foreign checkpoint file raises (torch.load, safetensors, json).
+_UNREADABLE = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError,
+               SafetensorError)
+
+
+def fault_point(point: str, step: int) -> None:
+    """Kill this process here if `LATENTLAB_FAULT` names this point and step (module docstring)."""
+    if os.environ.get(FAULT_ENV) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -35,6 +59,51 @@ def atomic_write_text(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def replace_dir(dest: Path, write: Callable[[Path], Any], fault_step: int | None = None) -> None:
+    """Write a directory atomically: `write(tmp)` fills a temporary sibling, which then takes
+    `dest`'s place. Directories cannot be swapped in one rename, so for a moment only the
+    previous version exists, as `.<name>.old`; `existing_dir` falls back to it."""
+    tmp, old = _sibling(dest, "tmp"), _sibling(dest, "old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    _fsync_tree(tmp)
+    if dest.exists():
+        shutil.rmtree(old, ignore_errors=True)  # `dest` is complete: an older `.old` is junk
+        dest.rename(old)
+    if fault_step is not None:
+        fault_point(f"{dest.name}_moved", fault_step)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def existing_dir(dest: Path) -> Path | None:
+    """`dest`, or the previous version a crash inside `replace_dir` left aside, or None."""
+    for candidate in (dest, _sibling(dest, "old")):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _sibling(dest: Path, suffix: str) -> Path:
+    return dest.with_name(f".{dest.name}.{suffix}")
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -53,19 +122,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class CheckpointManager:
     """Save and find resumable training checkpoints of one run (see module docstring)."""
 
     def __init__(self, run_dir: Path, rank: int = 0, world_size: int = 1) -> None:
         self.root = run_dir / "checkpoints"
+        self.best = run_dir / "best"
         self.rank = rank
         self.world_size = world_size
 
@@ -84,12 +146,11 @@ class CheckpointManager:
     def write_main_state(self, tmp: Path, model: torch.nn.Module, optimizer: Any,
                          scheduler: Any, state: dict[str, Any]) -> None:
         save_model(model, str(tmp / "model.safetensors"))
+        fault_point("model_written", state["step"])
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        for name in os.listdir(tmp):
-            with (tmp / name).open("rb") as handle:
-                os.fsync(handle.fileno())
-        atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
+        _fsync_tree(tmp)
+        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
 
     def commit(self, tmp: Path) -> Path:
         """Rename the finished checkpoint into place, point `latest` at it, drop older ones."""
@@ -97,9 +158,13 @@ class CheckpointManager:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(self.root)
+        fault_point("renamed", int(final.name.removeprefix("step-")))
         atomic_write_text(self.root / "latest", final.name)
         for other in self.root.iterdir():
             if other.is_dir() and other != final:
+                # The completeness marker goes first, so that a crash halfway through the
+                # deletion leaves a directory `latest()` never takes for a checkpoint.
+                (other / STATE_FILE).unlink(missing_ok=True)
                 shutil.rmtree(other, ignore_errors=True)
         return final
 
@@ -108,10 +173,10 @@ class CheckpointManager:
         pointer = self.root / "latest"
         if pointer.is_file():
             candidate = self.root / pointer.read_text().strip()
-            if (candidate / "state.json").is_file():
+            if (candidate / STATE_FILE).is_file():
                 return candidate
         complete = sorted(p for p in self.root.glob("step-*") if p.suffix != ".tmp"
-                          and (p / "state.json").is_file()) if self.root.is_dir() else []
+                          and (p / STATE_FILE).is_file()) if self.root.is_dir() else []
         return complete[-1] if complete else None
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: Any,
@@ -121,12 +186,26 @@ class CheckpointManager:
             raise RunError(f"checkpoint {path} was written by {self._ranks(path)} processes, "
                            f"this run has {self.world_size}",
                            fix="resume with the same number of processes")
-        load_model(model, str(path / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        set_rng_state(torch.load(rng_file, weights_only=False))
-        return json.loads((path / "state.json").read_text())
+        try:
+            load_model(model, str(path / "model.safetensors"))
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+            set_rng_state(torch.load(rng_file, weights_only=False))
+            return json.loads((path / STATE_FILE).read_text())
+        except _UNREADABLE as exc:
+            raise RunError(f"checkpoint {path} cannot be loaded ({_first_line(exc)})",
+                           fix=f"restore it from a backup, or delete {path.parent} to train "
+                               "the run again from the start") from None
+
+    def export_best(self, module: Any, step: int) -> None:
+        """Write `module.save_pretrained` output to `best/`, replacing the previous best."""
+        replace_dir(self.best, module.save_pretrained, fault_step=step)
 
     @staticmethod
     def _ranks(path: Path) -> int:
         return len(list(path.glob("rng-*.pt")))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

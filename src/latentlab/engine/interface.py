@@ -22,3 +22,6 @@ class Stage:
     name: str
     epochs: int
     reset_optimizer: bool = False
+    # Whether validations in this stage compete for `best/`: a curriculum's early stages train
+    # a different model (Coconut's stage 0 is plain CoT) and must not be selected as it.
+    select: bool = True

@@ -18,14 +18,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -50,6 +49,17 @@ class TrainerState:
     best_step: int | None = None
     metrics_bytes: int = 0  # size of metrics.jsonl when the checkpoint was taken
     done: bool = False
+    # Training loss summed over the steps since the last logged row: checkpointed so that a
+    # resumed run logs the same averages as an uninterrupted one.
+    loss_sum: float = 0.0
+    loss_steps: int = 0
+
+
+class StepResult(NamedTuple):
+    loss: float
+    tokens: int
+    grad_norm: float
+    finite: bool  # False: the loss or the gradient was NaN/Inf and no update was made
 
 
 class Interrupted(RunError):
@@ -59,7 +69,8 @@ class Interrupted(RunError):
 class Trainer:
     def __init__(self, model: nn.Module, config: TrainConfig, run_dir: Path,
                  accelerator: Accelerator, collate: Callable[[list[Any]], dict[str, Any]],
-                 evaluate: Callable[[int], dict[str, float]], select_metric: str = "accuracy"):
+                 evaluate: Callable[[int], dict[str, float]], select_metric: str = "accuracy",
+                 select_mode: str = "max"):
         self.model = model
         self.config = config
         self.run_dir = run_dir
@@ -67,16 +78,19 @@ class Trainer:
         self.collate = collate
         self.evaluate = evaluate
         self.select_metric = select_metric
+        self.sign = 1.0 if select_mode == "max" else -1.0  # compare sign * metric, larger wins
         self.checkpoints = CheckpointManager(run_dir, accelerator.process_index,
                                              accelerator.num_processes)
         self.metrics_path = run_dir / "metrics.jsonl"
         self._signal: int | None = None
         self._tty = False
+        self.stages: Sequence[Stage] = ()
 
     # ------------------------------------------------------------------------------------
     def fit(self, stages: Sequence[Stage], prepare: Callable[[int], Sequence[Any]],
             num_examples: int, resume: bool = False) -> TrainerState:
         cfg = self.config
+        self.stages = stages
         global_batch = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
         steps_per_epoch = math.ceil(num_examples / global_batch)
         total = cfg.max_steps or sum(s.epochs for s in stages) * steps_per_epoch
@@ -86,17 +100,18 @@ class Trainer:
         kwargs = {"num_training_steps": total} if cfg.schedule == "cosine" else {}
         scheduler = make_schedule(optimizer, num_warmup_steps=cfg.warmup_steps, **kwargs)
         model, optimizer, scheduler = self.acc.prepare(self.model, optimizer, scheduler)
-        state = TrainerState()
-        if resume:
-            state = self._resume(optimizer, scheduler)
+        state, resumed_from = (self._resume(optimizer, scheduler) if resume
+                               else (TrainerState(), None))
         if state.done:
             return state
+        self.acc.print(f"[latentlab] training from step {state.step}"
+                       + (f", resumed from {resumed_from}" if resumed_from else ""))
 
         # A live bar on a terminal; in a log file, the periodic metric lines instead.
         self._tty = sys.stderr.isatty()
         bar = tqdm(total=total, initial=state.step, desc="train", dynamic_ncols=True,
                    disable=not (self.acc.is_main_process and self._tty))
-        window = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
+        window = {"tokens": 0, "time": 0.0}  # throughput (wall clock: not checkpointed)
         stop_at = state.step + cfg.stop_after if cfg.stop_after else None
         with self._signals():
             for stage_index in range(state.stage, len(stages)):
@@ -109,23 +124,34 @@ class Trainer:
                     batches = self._epoch_batches(len(data), stage_index, epoch, global_batch)
                     for b in range(state.batch, len(batches)):
                         t0 = time.perf_counter()
-                        loss, tokens, grad_norm = self._step(model, optimizer, scheduler,
-                                                             [data[i] for i in batches[b]])
+                        result = self._step(model, optimizer, scheduler,
+                                            [data[i] for i in batches[b]])
                         window["time"] += time.perf_counter() - t0
-                        window["loss"] += loss
-                        window["n"] += 1
-                        window["tokens"] += tokens
+                        if not result.finite and cfg.on_nonfinite == "stop":
+                            raise self._nonfinite_error(state.step + 1, result)
                         state.step += 1
-                        state.tokens += tokens
                         state.stage, state.epoch, state.batch = stage_index, epoch, b + 1
+                        if result.finite:
+                            window["tokens"] += result.tokens
+                            state.tokens += result.tokens
+                            state.loss_sum += result.loss
+                            state.loss_steps += 1
+                        else:
+                            self._log_skip(state, result)
                         bar.update(1)
-                        finished = state.step >= total
                         end_of_epoch = b + 1 == len(batches)
+                        # The data can end before `total` steps: examples longer than
+                        # max_length are dropped, and max_steps may exceed the epochs.
+                        finished = state.step >= total or (
+                            end_of_epoch and epoch + 1 == stage.epochs
+                            and stage_index + 1 == len(stages))
                         if state.step % cfg.log_every == 0 or finished:
-                            self._log_train(state, window, scheduler, grad_norm, bar)
+                            self._log_train(state, window, scheduler,
+                                            result.grad_norm if result.finite else None, bar)
                         evaluated = self._maybe_evaluate(state, end_of_epoch, finished)
+                        signalled = self._agreed_signal()
                         if (finished or (stop_at is not None and state.step >= stop_at)
-                                or self._signal is not None or
+                                or signalled is not None or
                                 (cfg.save_every and state.step % cfg.save_every == 0) or
                                 (not cfg.save_every and evaluated)):
                             if end_of_epoch:  # store the position as "next epoch, batch 0"
@@ -134,16 +160,13 @@ class Trainer:
                                     state.stage, state.epoch = stage_index + 1, 0
                             state.done = finished
                             self._save_checkpoint(model, optimizer, scheduler, state)
-                        if finished:
-                            bar.close()
-                            return state
-                        if self._signal is not None:
+                        if signalled is not None:  # even on the last step: it was asked for
                             raise Interrupted(
-                                f"stopped by signal {signal.Signals(self._signal).name} after "
+                                f"stopped by signal {signal.Signals(signalled).name} after "
                                 f"step {state.step}; a checkpoint was saved",
                                 fix=f"continue with `latentlab train ... --resume` "
                                     f"(run directory {self.run_dir})")
-                        if stop_at is not None and state.step >= stop_at:
+                        if finished or (stop_at is not None and state.step >= stop_at):
                             bar.close()
                             return state
                     state.batch = 0
@@ -153,8 +176,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------
     def _step(self, model: nn.Module, optimizer: Any, scheduler: Any,
-              examples: list[Any]) -> tuple[float, int, float]:
-        """One optimizer step over this process's share of a global batch."""
+              examples: list[Any]) -> StepResult:
+        """One optimizer step over this process's share of a global batch.
+
+        A NaN/Inf loss or gradient makes no update and leaves the scheduler where it was; the
+        caller stops or skips (`train.on_nonfinite`). Either way the model, optimizer and
+        scheduler are as the last finite step left them, so the last checkpoint stays the
+        state to resume from, and a skipped step replays identically after a resume."""
         rank, world = self.acc.process_index, self.acc.num_processes
         shard = examples[rank::world]
         size = self.config.batch_size
@@ -174,16 +202,25 @@ class Trainer:
         max_norm = self.config.max_grad_norm or float("inf")
         grad_norm = self.acc.clip_grad_norm_(model.parameters(), max_norm)
         loss = self.acc.reduce(total_loss, reduction="mean")
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            raise NumericalError(
-                f"the loss or the gradient is not finite (loss {float(loss)}, gradient norm "
-                f"{float(grad_norm)}); the last good checkpoint is kept",
-                fix="lower train.lr, set train.max_grad_norm, or use train.mixed_precision=no")
-        optimizer.step()
-        scheduler.step()
+        # Loss and norm are reduced over processes, so every process takes the same branch.
+        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         token_count = torch.tensor(tokens, device=self.acc.device)
-        return float(loss), int(self.acc.reduce(token_count, reduction="sum")), float(grad_norm)
+        return StepResult(float(loss), int(self.acc.reduce(token_count, reduction="sum")),
+                          float(grad_norm), finite)
+
+    def _nonfinite_error(self, step: int, result: StepResult) -> NumericalError:
+        latest = self.checkpoints.latest()
+        kept = f"{latest.relative_to(self.run_dir)} is kept" if latest else "no checkpoint yet"
+        return NumericalError(
+            f"step {step}: the loss or the gradient is not finite (loss {result.loss}, gradient "
+            f"norm {result.grad_norm}); training stopped, the last checkpoint ({kept}) and "
+            f"best/ are untouched",
+            fix="resume with train.on_nonfinite=skip added to skip such steps, or start a new "
+                "run with a lower train.lr or train.max_grad_norm")
 
     def _epoch_batches(self, n: int, stage: int, epoch: int, size: int) -> list[list[int]]:
         """A seeded permutation per (seed, stage, epoch): identical after a resume."""
@@ -218,25 +255,22 @@ class Trainer:
         self.model.train()
         self.log({"step": state.step, "stage": state.stage, "split": "valid", **metrics})
         self.acc.print(f"step {state.step}: validation "
-                       + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        score = metrics[self.select_metric]
-        if state.best_metric is None or score > state.best_metric:
+                       + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                   if isinstance(v, int | float)))
+        score = self.sign * metrics[self.select_metric]
+        selectable = self.stages[min(state.stage, len(self.stages) - 1)].select
+        if finished and not selectable and state.best_step is None:
+            # Training ended (max_steps) before any stage whose model may be selected: export
+            # the final model rather than leave the run without one, and say so.
+            self.acc.print("[latentlab] warning: training ended before a selectable "
+                           "curriculum stage; best/ holds the final model")
+            selectable = True
+        if selectable and (state.best_metric is None or score > state.best_metric):
             state.best_metric, state.best_step = score, state.step
-            self._export_best()
+            if self.acc.is_main_process:
+                self.checkpoints.export_best(self._unwrap(), state.step)
+            self.acc.wait_for_everyone()
         return True
-
-    def _export_best(self) -> None:
-        """Write the best model to `best/` atomically (tmp dir, then swap)."""
-        if self.acc.is_main_process:
-            tmp, best, old = (self.run_dir / n for n in (".best.tmp", "best", ".best.old"))
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            self._unwrap().save_pretrained(tmp)
-            if best.exists():
-                best.rename(old)
-            tmp.rename(best)
-            shutil.rmtree(old, ignore_errors=True)
-        self.acc.wait_for_everyone()
 
     def _save_checkpoint(self, model: nn.Module, optimizer: Any, scheduler: Any,
                          state: TrainerState) -> None:
@@ -253,25 +287,31 @@ class Trainer:
             self.checkpoints.commit(tmp)
         self.acc.wait_for_everyone()
 
-    def _resume(self, optimizer: Any, scheduler: Any) -> TrainerState:
+    def _resume(self, optimizer: Any, scheduler: Any) -> tuple[TrainerState, Path | None]:
+        """The state of the latest complete checkpoint (a fresh one if there is none yet)."""
         path = self.checkpoints.latest()
-        if path is None:
-            return TrainerState()
-        state = TrainerState(**self.checkpoints.load(path, self._unwrap(), optimizer,
-                                                     scheduler))
+        state = TrainerState()
+        if path is not None:
+            saved = self.checkpoints.load(path, self._unwrap(), optimizer, scheduler)
+            try:
+                state = TrainerState(**saved)
+            except TypeError:
+                raise RunError(f"checkpoint {path} has an unknown state.json layout",
+                               fix="resume with the latentlab version that wrote it") from None
         if self.acc.is_main_process and self.metrics_path.exists():
-            # Rows logged after the checkpoint would be logged again: drop them.
+            # Rows logged after the checkpoint (all of them, without one) would be logged
+            # again: drop them.
             with self.metrics_path.open("r+b") as handle:
                 handle.truncate(state.metrics_bytes)
-        return state
+        return state, path
 
     # ------------------------------------------------------------------------------------
     def _log_train(self, state: TrainerState, window: dict[str, float], scheduler: Any,
-                   grad_norm: float, bar: Any) -> None:
-        if not window["n"]:
+                   grad_norm: float | None, bar: Any) -> None:
+        if not state.loss_steps:
             return
         row = {"step": state.step, "stage": state.stage, "epoch": state.epoch,
-               "loss": window["loss"] / window["n"], "lr": scheduler.get_last_lr()[0],
+               "loss": state.loss_sum / state.loss_steps, "lr": scheduler.get_last_lr()[0],
                "grad_norm": grad_norm, "tokens": state.tokens,
                "tokens_per_s": window["tokens"] / max(window["time"], 1e-9)}
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -279,12 +319,28 @@ class Trainer:
             self.acc.print(f"step {state.step}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, "
                            f"{row['tokens_per_s']:.0f} tokens/s")
         self.log(row)
-        window.update(loss=0.0, n=0, tokens=0, time=0.0)
+        state.loss_sum, state.loss_steps = 0.0, 0
+        window.update(tokens=0, time=0.0)
+
+    def _log_skip(self, state: TrainerState, result: StepResult) -> None:
+        self.log({"step": state.step, "stage": state.stage, "skipped": "nonfinite"})
+        self.acc.print(f"step {state.step}: skipped, not finite (loss {result.loss}, gradient "
+                       f"norm {result.grad_norm}); train.on_nonfinite=skip")
 
     def log(self, row: dict[str, Any]) -> None:
         if self.acc.is_main_process:
             with self.metrics_path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")
+
+    def _agreed_signal(self) -> int | None:
+        """The signal that ends training after this step, read once per step (one arriving
+        later is handled a step later, never between deciding to save and saying a checkpoint
+        was saved) and agreed by all processes, which get their signals at different moments
+        but must all save the same checkpoint."""
+        if self.acc.num_processes == 1:
+            return self._signal
+        received = self.acc.gather(torch.tensor([self._signal or 0], device=self.acc.device))
+        return int(received.max()) or None
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from latentlab.engine.generation import decode_completions, greedy_decode, left_pad, prefill
 from latentlab.engine.interface import Stage, StepOutput
+from latentlab.errors import ConfigError
 from latentlab.tasks.base import Example
 
 ANSWER_MARKER = "###"
@@ -37,6 +38,17 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     name: str
+
+
+class LatentConfig(MethodConfig):
+    """Options shared by methods that put `N_L` latents between question and answer."""
+
+    latent_budget: int = Field(4, ge=1, description="N_L: latent vectors per example "
+                               "(paper A sweeps 1, 4, 8, 16)")
+    keep_steps: bool = Field(False, description="train and generate the CoT after the latents "
+                             "(default: the answer only)")
+    orthogonality: float = Field(0.0, ge=0.0, description="λ of the orthogonality penalty on "
+                                 "each example's latents (paper A: 3 restores specialisation)")
 
 
 Features = dict[str, Any]
@@ -92,13 +104,25 @@ class Method(nn.Module, ABC):
     def set_stage(self, index: int) -> None:
         """Switch to curriculum stage `index` (changes what `encode` produces)."""
 
+    # -- text pretraining (optional) -------------------------------------------------------
+    def encode_text(self, ids: list[int]) -> Features:
+        """Training features of a pretraining window (task `text`)."""
+        raise ConfigError(f"method {self.name!r} has no text-pretraining recipe",
+                          fix="pretrain with cot/nocot (a plain LM) or liu/h1/h2")
+
+    def text_nll(self, batch: Batch) -> dict[str, Tensor]:
+        """Per-token NLLs that define validation perplexity (task `text`): `nll` [..., K],
+        the last axis being a position (e.g. the k-th token after the latents); extra
+        entries (e.g. `base_nll`) are reported beside it."""
+        raise NotImplementedError
+
     # -- inference -------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, examples: list[Example], max_new_tokens: int) -> list[str]:
         """Greedy completions of each example's prompt (KV-cached, batched, left-padded)."""
         prompts = [self.prompt_ids(e) for e in examples]
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id, self.device)
-        state = prefill(self.backbone, mask, input_ids=ids)
+        state = prefill(self.backbone, mask, inputs_embeds=self.embed(ids))
         tokens = greedy_decode(self.backbone, state, max_new_tokens,
                                self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         return decode_completions(self.tokenizer, tokens)
@@ -106,6 +130,16 @@ class Method(nn.Module, ABC):
     def prompt_ids(self, example: Example) -> list[int]:
         """The tokens the model reads before it starts to answer."""
         return self.tokens(prompt_text(example))
+
+    def target_ids(self, example: Example, keep_steps: bool) -> list[int]:
+        """What the model learns to produce after its prompt (and latents): the steps if kept,
+        then `### answer` and EOS."""
+        steps = self.tokens(steps_text(example.steps)) if keep_steps else []
+        return [*steps, *self.tokens(answer_text(example)), self.tokenizer.eos_token_id]
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """Input embeddings of token ids; methods with soft tokens substitute theirs here."""
+        return self.backbone.get_input_embeddings()(ids)
 
     # -- persistence -----------------------------------------------------------------------
     def save_pretrained(self, path: Path) -> None:
@@ -115,7 +149,9 @@ class Method(nn.Module, ABC):
         self.tokenizer.save_pretrained(path / "model")
         extra = self.extra_state_dict()
         if extra:
-            save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()},
+            # clone: tied weights (a Coprocessor's embeddings and LM head) share storage,
+            # which safetensors refuses; loading copies the same values into both again.
+            save_file({k: v.detach().cpu().clone().contiguous() for k, v in extra.items()},
                       path / "method.safetensors")
 
     def load_extra_state(self, path: Path) -> None:

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+import torch
+from torch import Tensor, nn
+
 from latentlab.methods.base import (
     Batch,
     Features,
     Method,
     MethodConfig,
     StepOutput,
-    answer_text,
     lm_loss,
     sequence,
-    steps_text,
 )
 from latentlab.tasks.base import Example
 
@@ -36,17 +37,27 @@ class CoT(Method):
     keep_steps: ClassVar[bool] = True
 
     def encode(self, example: Example) -> Features:
-        pieces = [(self.prompt_ids(example), False)]
-        if self.keep_steps:
-            pieces.append((self.tokens(steps_text(example.steps)), True))
-        pieces.append(([*self.tokens(answer_text(example)), self.tokenizer.eos_token_id], True))
-        return sequence(pieces)
+        return sequence([(self.prompt_ids(example), False),
+                         (self.target_ids(example, self.keep_steps), True)])
+
+    def encode_text(self, ids: list[int]) -> Features:
+        """Plain next-token prediction on the window (the Base's pretraining)."""
+        return {"input_ids": ids, "labels": ids}
+
+    def text_nll(self, batch: Batch) -> dict[str, Tensor]:
+        ids = batch["input_ids"]
+        logits = self.backbone(input_ids=ids).logits[:, :-1].float()
+        nll = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        return {"nll": nll}
 
     def forward(self, batch: Batch) -> StepOutput:
         # Right padding puts every pad after every real token, so the causal mask alone is
-        # exact; passing no padding mask lets SDPA use its flash kernel instead of
-        # materialising B x H x T x T attention weights.
-        hidden = self.backbone.base_model(input_ids=batch["input_ids"]).last_hidden_state
+        # exact. An all-ones mask lets transformers drop the mask and SDPA use its flash kernel
+        # instead of materialising B x H x T x T attention weights (about 20 GB per process for
+        # ProsQA batches of GPT-2 small).
+        ids = batch["input_ids"]
+        hidden = self.backbone.base_model(input_ids=ids,
+                                          attention_mask=torch.ones_like(ids)).last_hidden_state
         return StepOutput(lm_loss(self.backbone, hidden, batch["labels"]))
 
 

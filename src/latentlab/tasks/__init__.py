@@ -9,8 +9,10 @@ from latentlab.tasks.base import SPLITS, Example, Split, Task, TaskConfig
 from latentlab.tasks.countdown import CountdownConfig, CountdownTask
 from latentlab.tasks.gsm8k import GSM8KConfig, GSM8KTask
 from latentlab.tasks.prosqa import ProsQAConfig, ProsQATask
+from latentlab.tasks.text import TextConfig, TextTask
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (GSM8KTask, ProsQATask, CountdownTask)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (
+    GSM8KTask, ProsQATask, CountdownTask, TextTask)}
 # The config classes, e.g. for a pydantic union discriminated on `name`.
 TASK_CONFIGS = tuple(cls.config_class for cls in TASKS.values())
 
@@ -33,4 +35,4 @@ def build_task(config: TaskConfig) -> Task:
 
 __all__ = ["SPLITS", "TASKS", "TASK_CONFIGS", "CountdownConfig", "CountdownTask", "Example",
            "GSM8KConfig", "GSM8KTask", "ProsQAConfig", "ProsQATask", "Split", "Task",
-           "TaskConfig", "build_task"]
+           "TaskConfig", "TextConfig", "TextTask", "build_task"]

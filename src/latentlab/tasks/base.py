@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from latentlab.errors import DataError
+from latentlab.errors import DataError, require_file
 
 Split = Literal["train", "valid", "test"]
 SPLITS: tuple[Split, ...] = ("train", "valid", "test")
@@ -120,8 +120,7 @@ def resolve_path(path: str | os.PathLike[str]) -> Path:
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, row) of a JSON-lines file, with errors that name file and line."""
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist", fix="check the path in the config")
+    require_file(path, "data file", "check the path in the config", DataError)
     try:
         with path.open(encoding="utf-8") as handle:
             for lineno, line in enumerate(handle, 1):

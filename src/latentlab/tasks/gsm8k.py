@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from latentlab.errors import DataError
+from latentlab.errors import DataError, require_file
 from latentlab.tasks.base import (
     Example,
     Split,
@@ -156,8 +156,7 @@ class GSM8KTask(Task):
     @staticmethod
     def _read_aug(path: Path) -> Iterable[Example]:
         """iCoT's lines: `question||<<eq>> <<eq>> #### N`."""
-        if not path.is_file():
-            raise DataError(f"data file {path} does not exist", fix="check the path in the config")
+        require_file(path, "data file", "check the path in the config", DataError)
         try:
             # Iterating a text file splits on newlines only: questions may contain U+2028.
             with path.open(encoding="utf-8") as handle:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from latentlab.errors import ConfigError, DataError
+from latentlab.errors import ConfigError, DataError, require_file
 from latentlab.tasks.base import (
     Example,
     Split,
@@ -260,8 +260,7 @@ class ProsQATask(Task):
 
     def read(self, path: Path, split: Split) -> list[Example]:
         """Coconut's JSON list, or JSON lines of `Example.to_json` with the graph in `meta`."""
-        if not path.is_file():
-            raise DataError(f"data file {path} does not exist", fix="check the path in the config")
+        require_file(path, "data file", "check the path in the config", DataError)
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:

@@ -1,0 +1,206 @@
+"""Coconut's cost: training step time and generation throughput against the alternatives.
+
+Training (forward + backward of one batch at the last curriculum stage, `--thoughts` thoughts):
+  coconut_cached   `Coconut.forward`: n+1 passes sharing one KV cache (each pass feeds only
+                   the new columns; gradients flow through the cache)
+  plain_one_pass   one forward/backward over the same tokens (what CoT or pause tokens cost)
+  full_recompute   thought j by re-running the whole prefix from scratch, then a full pass (the
+                   naive way; quadratic in the number of thoughts)
+Generation (`--new-tokens` after `<eot>`):
+  coconut_batched  `Coconut.generate`: batched, thoughts and tokens one cached step each
+  reference_batch1 one example at a time, every thought and token re-encodes the whole prefix
+                   (facebookresearch/coconut's `generate` supports batch 1 only and re-encodes
+                   the prefix for every new token)
+  cot_batched      CoT: batched cached decoding of `--cot-tokens` steps' tokens + the answer
+
+Sequences use a word-level tokenizer over `--vocab` words so that lengths are exact and the LM
+head has GPT-2's size. Weights are random: speed does not depend on them.
+
+    python benchmarks/coconut_step.py --device cuda --out coconut_step.json
+    python benchmarks/coconut_step.py --preset gpt2-tiny --device cpu --steps 2   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import DTYPES, Clock, gigabytes, word_tokenizer
+from torch import Tensor
+
+from latentlab.backbones import add_special_tokens, build_backbone
+from latentlab.config import ModelConfig
+from latentlab.methods.base import lm_loss
+from latentlab.methods.coconut import EOT, Coconut, CoconutConfig
+from latentlab.methods.cot import CoT, CoTConfig
+from latentlab.tasks.base import Example
+
+
+def make_examples(args: argparse.Namespace, rng: random.Random) -> list[Example]:
+    def words(n: int) -> str:
+        return " ".join(f"w{rng.randrange(args.vocab - 4)}" for _ in range(n))
+
+    # answer_text is "### <words>", then <eos>: answer_tokens in all.
+    per_step = max(1, args.cot_tokens // max(args.thoughts, 1))
+    return [Example(words(args.question_tokens), tuple(words(per_step) for _ in
+                                                       range(args.thoughts)),
+                    words(max(args.answer_tokens - 2, 1))) for _ in range(args.batch)]
+
+
+def recomputed_hidden(method: Coconut, batch: dict[str, Any]) -> Tensor:
+    """Hidden states with thought j computed by a from-scratch pass over columns < bot+j
+    (every row has the same layout here, so no padding is involved)."""
+    base = method.backbone.base_model
+    ids, bot, n = batch["input_ids"], batch["bot"], batch["max_thoughts"]
+    embeds = method.backbone.get_input_embeddings()(ids)
+    for j in range(1, n + 1):
+        thought = base(inputs_embeds=embeds[:, : bot + j]).last_hidden_state[:, -1:]
+        embeds = torch.cat([embeds[:, : bot + j], thought.to(embeds.dtype),
+                            embeds[:, bot + j + 1:]], dim=1)
+    return base(inputs_embeds=embeds).last_hidden_state
+
+
+@torch.no_grad()
+def reference_generate(method: Coconut, example: Example, n_thoughts: int,
+                       new_tokens: int) -> list[int]:
+    """Batch 1, no cache: each thought and each token re-runs the whole sequence."""
+    model, tok = method.backbone, method.tokenizer
+    embed = model.get_input_embeddings()
+    ids = [*method.prompt_ids(example), method.bot_id]
+    embeds = embed(torch.tensor([ids], device=method.device))
+    for _ in range(n_thoughts):
+        thought = model.base_model(inputs_embeds=embeds).last_hidden_state[:, -1:]
+        embeds = torch.cat([embeds, thought.to(embeds.dtype)], dim=1)
+    token = tok.convert_tokens_to_ids(EOT)
+    out: list[int] = []
+    for _ in range(new_tokens):
+        embeds = torch.cat([embeds, embed(torch.tensor([[token]], device=method.device))], 1)
+        token = int(model(inputs_embeds=embeds).logits[0, -1].argmax())
+        if token == tok.eos_token_id:
+            break
+        out.append(token)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", default="gpt2-small")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                        help="autocast dtype (weights stay float32, as in training)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--question-tokens", type=int, default=350)
+    parser.add_argument("--thoughts", type=int, default=6)
+    parser.add_argument("--answer-tokens", type=int, default=12)
+    parser.add_argument("--cot-tokens", type=int, default=60,
+                        help="tokens of the explicit CoT that CoT decoding generates")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
+    parser.add_argument("--gen-steps", type=int, default=3,
+                        help="timed generation calls (after one untimed call)")
+    parser.add_argument("--ref-examples", type=int, default=8,
+                        help="examples timed for the batch-1 reference generation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    clock = Clock(device)
+    tokenizer = word_tokenizer(args.vocab)
+    backbone = build_backbone(ModelConfig(name=args.preset), tokenizer, seed=args.seed)
+    config = CoconutConfig(thoughts_per_step=1, max_latent_stage=args.thoughts,
+                           uniform_thoughts=True)
+    add_special_tokens(tokenizer, backbone, Coconut.special_tokens(config))
+    method = Coconut(config, backbone, tokenizer).to(device)
+    method.set_stage(args.thoughts)  # the last stage: all steps are thoughts
+    examples = make_examples(args, random.Random(args.seed))
+    batch = method.collate([method.encode(e) for e in examples])
+    batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def autocast() -> contextlib.AbstractContextManager[None]:
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def hidden_one_pass(b: dict[str, Any]) -> Tensor:
+        ids = b["input_ids"]
+        return method.backbone.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)
+                                          ).last_hidden_state
+
+    hidden_fns: dict[str, Callable[[dict[str, Any]], Tensor]] = {
+        "coconut_cached": method.hidden_states,
+        "plain_one_pass": hidden_one_pass,
+        "full_recompute": lambda b: recomputed_hidden(method, b),
+    }
+    method.train()
+    train: dict[str, Any] = {}
+    for name, hidden_fn in hidden_fns.items():
+        def step(hidden_fn: Callable[[dict[str, Any]], Tensor] = hidden_fn) -> None:
+            method.zero_grad(set_to_none=True)
+            with autocast():
+                loss = lm_loss(method.backbone, hidden_fn(batch), batch["labels"])
+            loss.backward()
+
+        seconds = clock.mean_seconds(step, args.steps, args.warmup)
+        train[name] = {"ms": 1e3 * seconds, "peak_memory_gb": gigabytes(clock.peak_bytes(step))}
+    method.zero_grad(set_to_none=True)
+    for name in train:
+        train[name]["vs_plain"] = train[name]["ms"] / train["plain_one_pass"]["ms"]
+    # Dropout differs between the timed calls, so compare without it.
+    method.eval()
+    with torch.no_grad(), autocast():
+        check = {n: float(lm_loss(method.backbone, fn(batch), batch["labels"]))
+                 for n, fn in hidden_fns.items() if n != "plain_one_pass"}
+
+    cot = CoT(CoTConfig(), backbone, tokenizer).eval()
+    n_ref = min(args.ref_examples, len(examples))
+
+    def coconut_generate() -> None:
+        with autocast():
+            method.generate(examples, args.new_tokens)
+
+    def cot_generate() -> None:
+        with autocast():
+            cot.generate(examples, args.cot_tokens + args.new_tokens)
+
+    def reference() -> None:
+        with autocast():
+            for e in examples[:n_ref]:
+                reference_generate(method, e, args.thoughts, args.new_tokens)
+
+    generation = {}
+    for name, fn, n in (("coconut_batched", coconut_generate, len(examples)),
+                        ("reference_batch1", reference, n_ref),
+                        ("cot_batched", cot_generate, len(examples))):
+        seconds = clock.mean_seconds(fn, args.gen_steps, warmup=1)
+        generation[name] = {"examples": n, "seconds": seconds, "examples_per_s": n / seconds}
+    for name in generation:
+        generation[name]["speedup_vs_reference"] = (generation[name]["examples_per_s"]
+                                                    / generation["reference_batch1"]
+                                                    ["examples_per_s"])
+
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "sequence_tokens": int(batch["input_ids"].shape[1]),
+        "train_step": train,
+        "train_loss_cached_minus_recomputed": check["coconut_cached"] - check["full_recompute"],
+        "generation": generation,
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

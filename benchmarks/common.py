@@ -1,0 +1,55 @@
+"""Shared pieces of the benchmarks: a word-level tokenizer with exact lengths, a timer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from latentlab.backbones import EOS, PAD
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
+    """One token per whitespace-separated word `w<i>`; `###` is a word too."""
+    words = {EOS: 0, PAD: 1, "<unk>": 2, "###": 3} | {f"w{i}": i + 4 for i in range(vocab - 4)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
+
+
+class Clock:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def mean_seconds(self, fn: Callable[[], Any], steps: int, warmup: int) -> float:
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        self.sync()
+        return (time.perf_counter() - start) / steps
+
+    def peak_bytes(self, fn: Callable[[], Any]) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        fn()
+        self.sync()
+        return torch.cuda.max_memory_allocated(self.device)
+
+
+def gigabytes(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**30, 3)

@@ -1,0 +1,287 @@
+"""Coconut: reasoning in a continuous latent space (Hao et al., arXiv 2412.06769; METHODS.md 4).
+
+A continuous thought is the backbone's last-layer hidden state at the previous position, fed
+back as the next input embedding instead of a sampled token. Sequences look like
+
+    question \\n <bot> [n thoughts] <eot> remaining steps (one per line) ### answer <eos>
+
+and a curriculum moves the chain of thought into thoughts: stage 0 is plain CoT (with an empty
+`<bot><eot>` pair), stage k in 1..max_latent_stage replaces the first k steps by k*c thoughts,
+and the last stage also drops the steps after max_latent_stage. Loss is on the steps that are
+left, the answer and <eos>.
+
+Training needs n+1 sequential passes (thought j depends on thought j-1). The passes share one
+`DynamicCache`: each pass feeds only the new columns on top of the cached prefix, and gradients
+flow back through the cached keys and values. Batching rule (see `collate`): rows are
+left-padded so that every row's `<bot>` sits in the same column; thought j of every row then
+sits in column bot+j, so pass j feeds exactly one column, in which rows with fewer thoughts
+already hold ordinary tokens whose embeddings are known. docs/methods/coconut.md gives the
+argument for exactness; tests/test_coconut.py checks it against full recomputation.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from safetensors.torch import load_file
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from latentlab.engine.generation import (
+    DecodeState,
+    decode_completions,
+    extend,
+    greedy_decode,
+    left_pad,
+    prefill,
+)
+from latentlab.methods.base import (
+    IGNORE,
+    Batch,
+    Features,
+    Method,
+    MethodConfig,
+    Stage,
+    StepOutput,
+    answer_text,
+    lm_loss,
+    sequence,
+    steps_text,
+)
+from latentlab.tasks.base import Example
+
+BOT, EOT, THOUGHT = "<bot>", "<eot>", "<thought>"
+STAGE_KEY = "latent_stage"  # entry of method.safetensors holding the exported model's stage
+
+Mode = Literal["coconut", "no_curriculum", "no_thought", "pause_as_thought"]
+# Modes whose thoughts are fed-back hidden states (the others are ordinary token sequences).
+FEEDBACK_MODES: frozenset[str] = frozenset({"coconut", "no_curriculum"})
+
+
+class CoconutConfig(MethodConfig):
+    name: Literal["coconut"] = "coconut"
+    thoughts_per_step: int = Field(1, ge=1, description="c: thoughts replacing one step "
+                                   "(1 for ProsQA, 2 for GSM8K)")
+    max_latent_stage: int = Field(6, ge=1, description="last curriculum stage; it also removes "
+                                  "the steps after it (6 for ProsQA, 3 for GSM8K)")
+    epochs_per_stage: int = Field(5, ge=1, description="epochs of each stage before the last "
+                                  "(5 for ProsQA, 3 for GSM8K); the last stage gets the rest "
+                                  "of train.epochs, at least this many")
+    reset_optimizer: bool = Field(True, description="clear AdamW's moments at each new stage")
+    mode: Mode = Field("coconut", description="coconut; or the paper's ablations: "
+                       "no_curriculum (train on the last stage only), no_thought (the "
+                       "curriculum removes steps, inserts no thoughts), pause_as_thought (a "
+                       "learned <thought> token instead of fed-back hidden states)")
+    uniform_thoughts: bool = Field(False, description="every example gets k*c thoughts at "
+                                   "stage k, even with fewer than k steps (Coconut's "
+                                   "pad_latent_to_max, set in both of its reference configs)")
+    thoughts_at_eval: int | None = Field(None, ge=0, description="thoughts at inference for "
+                                         "the last stage; None: max_latent_stage * c")
+
+
+class Coconut(Method):
+    name = "coconut"
+    config_class = CoconutConfig
+    config: CoconutConfig
+    latent_stage: int  # k of the curriculum: the first k steps are thoughts
+
+    def __init__(self, config: CoconutConfig, backbone: PreTrainedModel,
+                 tokenizer: PreTrainedTokenizerBase) -> None:
+        super().__init__(config, backbone, tokenizer)
+        self.bot_id, self.eot_id, self.thought_id = (
+            tokenizer.convert_tokens_to_ids(t) for t in (BOT, EOT, THOUGHT))
+        self.set_stage(0)
+
+    @classmethod
+    def special_tokens(cls, config: MethodConfig) -> list[str]:
+        return [BOT, EOT, THOUGHT]
+
+    # -- curriculum ------------------------------------------------------------------------
+    def stages(self, epochs: int) -> list[Stage]:
+        """Stages 0..max_latent_stage; the last one takes the rest of `epochs` (total epochs).
+
+        Coconut's reference runs train past the last stage (ProsQA: 50 epochs, of which 35 go
+        through stages 0..6); giving the remainder to the last stage reproduces that with
+        `train.epochs`, while a smaller `train.epochs` never shortens the curriculum.
+        """
+        cfg = self.config
+        last = cfg.max_latent_stage
+        if cfg.mode == "no_curriculum":
+            return [Stage(f"latent-{last}", epochs)]
+        rest = max(cfg.epochs_per_stage, epochs - last * cfg.epochs_per_stage)
+        # Only the last stage's model is Coconut: earlier stages may validate higher (stage 0
+        # is CoT) but must not become `best/`.
+        return [Stage(f"latent-{k}", cfg.epochs_per_stage if k < last else rest,
+                      reset_optimizer=cfg.reset_optimizer, select=k == last)
+                for k in range(last + 1)]
+
+    def set_stage(self, index: int) -> None:
+        last = self.config.max_latent_stage
+        if not 0 <= index <= last:
+            raise ValueError(f"stage {index} is outside 0..{last}")
+        self.latent_stage = last if self.config.mode == "no_curriculum" else index
+
+    def thought_count(self, n_steps: int) -> int:
+        """Thoughts of a training example with `n_steps` steps at the current stage."""
+        if self.config.mode == "no_thought":
+            return 0
+        k = self.latent_stage
+        return self.config.thoughts_per_step * (k if self.config.uniform_thoughts
+                                                else min(k, n_steps))
+
+    def eval_thoughts(self) -> int:
+        """Thoughts at inference: the step count is unknown there, so one number for all."""
+        if self.config.mode == "no_thought":
+            return 0
+        k = self.latent_stage
+        if k == self.config.max_latent_stage and self.config.thoughts_at_eval is not None:
+            return self.config.thoughts_at_eval
+        return k * self.config.thoughts_per_step
+
+    # -- data ------------------------------------------------------------------------------
+    def encode(self, example: Example) -> Features:
+        k = self.latent_stage
+        n = self.thought_count(len(example.steps))
+        kept = () if k == self.config.max_latent_stage else example.steps[k:]
+        prompt = self.prompt_ids(example)
+        features = sequence([
+            ([*prompt, self.bot_id, *[self.thought_id] * n, self.eot_id], False),
+            (self.tokens(steps_text(kept)), True),
+            ([*self.tokens(answer_text(example)), self.tokenizer.eos_token_id], True),
+        ])
+        # In pause_as_thought the <thought> tokens are ordinary inputs: nothing to feed back.
+        features["thoughts"] = n if self.config.mode in FEEDBACK_MODES else 0
+        features["bot"] = len(prompt)
+        return features
+
+    def collate(self, features: list[Features]) -> Batch:
+        """Without fed-back thoughts: the right-padded batch of every method. With them: rows
+        shifted right so that all `<bot>` tokens share one column (left padding), then
+        right-padded; `attention_mask` marks the real tokens."""
+        most = max(f["thoughts"] for f in features)
+        if most == 0:
+            return {**super().collate(features), "max_thoughts": 0}
+        bot = max(f["bot"] for f in features)
+        shifts = [bot - f["bot"] for f in features]
+        width = max(s + len(f["input_ids"]) for s, f in zip(shifts, features, strict=True))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(features), width), pad, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for row, (s, f) in enumerate(zip(shifts, features, strict=True)):
+            end = s + len(f["input_ids"])
+            ids[row, s:end] = torch.tensor(f["input_ids"])
+            labels[row, s:end] = torch.tensor(f["labels"])
+            mask[row, s:end] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+                "thoughts": torch.tensor([f["thoughts"] for f in features]),
+                "bot": bot, "max_thoughts": most, "num_tokens": int(mask.sum())}
+
+    # -- training --------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> StepOutput:
+        return StepOutput(lm_loss(self.backbone, self.hidden_states(batch), batch["labels"]))
+
+    def hidden_states(self, batch: Batch) -> Tensor:
+        """Last-layer states of every column of a collated batch, thoughts fed back.
+
+        Pass 0 covers columns [0, bot]; pass j (1..n-1) the single column bot+j; the last pass
+        column bot+n to the end. Column bot+j holds thought j of the rows with at least j
+        thoughts, whose input is the state of column bot+j-1, i.e. the previous pass's last
+        output; rows with fewer thoughts hold a token there (`<eot>`, a step, padding) and keep
+        its embedding. Every column is thus fed its final input exactly once, after all the
+        columns it attends to, which is all a causal model with a cache needs.
+        """
+        ids = batch["input_ids"]
+        n = batch["max_thoughts"]
+        if n == 0:
+            # Right padding: the causal mask alone is exact, and an all-ones mask lets
+            # transformers drop it so that SDPA can use its flash kernel (as in CoT).
+            return self.backbone.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)
+                                            ).last_hidden_state
+        mask = batch["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding starts each row at 0
+        embeds = self.backbone.get_input_embeddings()(ids)
+        has_thought = batch["thoughts"][:, None, None]
+        bot = batch["bot"]
+        cache = DynamicCache(config=self.backbone.config)
+        outputs: list[Tensor] = []
+        for j, (start, end) in enumerate(pairwise([0, *range(bot + 1, bot + n + 1),
+                                                   ids.shape[1]])):
+            chunk = embeds[:, start:end]
+            if j > 0:
+                previous = outputs[-1][:, -1:].to(chunk.dtype)
+                first = torch.where(has_thought >= j, previous, chunk[:, :1])
+                chunk = torch.cat([first, chunk[:, 1:]], dim=1)
+            out = self.backbone.base_model(inputs_embeds=chunk, attention_mask=mask[:, :end],
+                                           position_ids=positions[:, start:end],
+                                           past_key_values=cache, use_cache=True)
+            outputs.append(out.last_hidden_state)
+        return torch.cat(outputs, dim=1)
+
+    # -- inference -------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, examples: list[Example], max_new_tokens: int) -> list[str]:
+        """Greedy completions after `<eot>` (so they start with any steps left, then `###`)."""
+        state, _ = self._think(examples)
+        tokens = greedy_decode(self.backbone, state, max_new_tokens,
+                               self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        return decode_completions(self.tokenizer, tokens)
+
+    @torch.no_grad()
+    @torch.no_grad()
+    def latents(self, examples: list[Example]) -> Tensor:
+        """The continuous thoughts of each example as inference runs them: [n, thoughts, d]
+        (last-layer states fed back as inputs), for the analyses."""
+        if self.config.mode not in FEEDBACK_MODES:
+            raise ValueError(f"mode {self.config.mode!r} has no continuous thoughts to record")
+        _, thoughts = self._think(examples)
+        return torch.stack(thoughts, dim=1)
+
+    def record_thoughts(self, examples: list[Example],
+                        top_k: int = 5) -> list[list[list[tuple[str, float]]]]:
+        """Per example, per continuous thought `z`, the `top_k` tokens of softmax(z W_lm^T)
+        with their probabilities: what each thought would say as a token (paper, section 5)."""
+        from latentlab.analysis import top_tokens  # analysis imports methods: import late
+
+        if self.eval_thoughts() == 0:
+            return [[] for _ in examples]
+        return top_tokens(self.latents(examples), self.backbone.get_output_embeddings().weight,
+                          self.tokenizer, top_k)
+
+    def _think(self, examples: list[Example]) -> tuple[DecodeState, list[Tensor]]:
+        """Prefill `question \\n <bot>`, run the thoughts (one cached step each), add `<eot>`.
+
+        Returns the state after `<eot>` and the fed-back thoughts ([B, d] each). Every row gets
+        the same number of thoughts, so columns stay aligned with no extra padding.
+        """
+        n = self.eval_thoughts()
+        feedback = self.config.mode in FEEDBACK_MODES
+        head = [self.bot_id] + ([] if feedback else [self.thought_id] * n)
+        prompts = [self.prompt_ids(e) + head for e in examples]
+        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id, self.device)
+        state = prefill(self.backbone, mask, input_ids=ids)
+        ones = torch.ones_like(mask[:, :1])
+        thoughts: list[Tensor] = []
+        for _ in range(n if feedback else 0):
+            thoughts.append(state.hidden[:, -1])
+            state = extend(self.backbone, state, ones, inputs_embeds=state.hidden[:, -1:])
+        state = extend(self.backbone, state, ones, input_ids=ones * self.eot_id)
+        return state, thoughts
+
+    # -- persistence -----------------------------------------------------------------------
+    def extra_state_dict(self) -> dict[str, Tensor]:
+        # The stage decides how many thoughts `generate` runs, and the best model may come from
+        # any stage: the exported model carries it, so `load_run` evaluates it as validated.
+        return {**super().extra_state_dict(), STAGE_KEY: torch.tensor([self.latent_stage])}
+
+    def load_extra_state(self, path: Path) -> None:
+        super().load_extra_state(path)  # loads what it knows; the stage entry is not a tensor
+        file = path / "method.safetensors"  # of the module, so it is read here
+        if file.is_file():
+            saved = load_file(file)
+            if STAGE_KEY in saved:
+                self.latent_stage = int(saved[STAGE_KEY][0])

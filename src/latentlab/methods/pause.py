@@ -1,0 +1,114 @@
+"""Single-model latent baselines: pause tokens and the soft-embedding baseline.
+
+Both put `N_L` latent positions between the question and the answer and train the whole model
+in one forward pass (METHODS.md section 2):
+- **pause** (`<pause>` x N_L): one learned token repeated, as in Goyal et al. and Coconut's
+  "pause as thought" baseline;
+- **soft** (paper A's "unified" baseline): `N_L` distinct trainable vectors, an `N_L x d`
+  parameter, at the latent positions.
+The latents `Z` are the last-layer states at those positions (what the orthogonality penalty
+and the analyses read).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from latentlab.engine.generation import left_pad
+from latentlab.latents import orthogonality_penalty
+from latentlab.methods.base import (
+    Batch,
+    Features,
+    LatentConfig,
+    Method,
+    StepOutput,
+    lm_loss,
+    prompt_text,
+    sequence,
+)
+from latentlab.tasks.base import Example
+
+
+class PauseConfig(LatentConfig):
+    name: Literal["pause"] = "pause"
+
+
+class SoftEmbeddingConfig(LatentConfig):
+    name: Literal["soft"] = "soft"
+
+
+class Pause(Method):
+    name = "pause"
+    config_class = PauseConfig
+    slot_token: ClassVar[str] = "<pause>"
+
+    @classmethod
+    def special_tokens(cls, config: LatentConfig) -> list[str]:  # type: ignore[override]
+        return [cls.slot_token]
+
+    @property
+    def slot_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.slot_token)
+
+    def prompt_ids(self, example: Example) -> list[int]:
+        return [*self.tokens(prompt_text(example)), *[self.slot_id] * self.config.latent_budget]
+
+    def encode(self, example: Example) -> Features:
+        return sequence([(self.prompt_ids(example), False),
+                         (self.target_ids(example, self.config.keep_steps), True)])
+
+    def forward(self, batch: Batch) -> StepOutput:
+        ids = batch["input_ids"]
+        # Right padding: the causal mask alone is exact (see CoT.forward).
+        hidden = self.backbone.base_model(inputs_embeds=self.embed(ids),
+                                          attention_mask=torch.ones_like(ids)).last_hidden_state
+        loss = lm_loss(self.backbone, hidden, batch["labels"])
+        metrics = {"lm_loss": loss.detach()}
+        if self.config.orthogonality:
+            penalty = orthogonality_penalty(self.slot_states(ids, hidden))
+            loss = loss + self.config.orthogonality * penalty
+            metrics["orthogonality"] = penalty.detach()
+        return StepOutput(loss, metrics)
+
+    def slot_states(self, ids: Tensor, hidden: Tensor) -> Tensor:
+        """[B, N_L, d]: the states at the latent positions (every row has exactly N_L)."""
+        return hidden[ids == self.slot_id].view(ids.shape[0], self.config.latent_budget, -1)
+
+    @torch.no_grad()
+    def latents(self, examples: list[Example], all_layers: bool = False) -> Tensor:
+        """The latents `Z` of each example: [n, N_L, d], or [n, layers + 1, N_L, d]."""
+        ids, mask = left_pad([self.prompt_ids(e) for e in examples],
+                             self.tokenizer.pad_token_id, self.device)
+        out = self.backbone.base_model(inputs_embeds=self.embed(ids), attention_mask=mask,
+                                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                                       output_hidden_states=True)
+        # Left padding puts every row's N_L slots in the last N_L columns.
+        n = self.config.latent_budget
+        if all_layers:
+            return torch.stack([h[:, -n:] for h in out.hidden_states], dim=1)
+        return out.last_hidden_state[:, -n:]
+
+
+class SoftEmbedding(Pause):
+    name = "soft"
+    config_class = SoftEmbeddingConfig
+    slot_token = "<latent>"  # a placeholder id; its embedding is replaced by the slot's vector
+
+    def __init__(self, config: LatentConfig, backbone: PreTrainedModel,
+                 tokenizer: PreTrainedTokenizerBase) -> None:
+        super().__init__(config, backbone, tokenizer)
+        table = backbone.get_input_embeddings().weight
+        # Initialised at the scale of the token embeddings, so the first steps see inputs of
+        # the magnitude the backbone expects.
+        self.soft_tokens = nn.Parameter(
+            torch.randn(config.latent_budget, table.shape[1]) * table.detach().std())
+
+    def embed(self, ids: Tensor) -> Tensor:
+        embeds = super().embed(ids)
+        slots = ids == self.slot_id
+        index = (slots.cumsum(dim=1) - 1).clamp(min=0)  # which of the N_L vectors goes where
+        return torch.where(slots[..., None], self.soft_tokens[index].to(embeds.dtype), embeds)

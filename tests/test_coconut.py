@@ -1,0 +1,270 @@
+"""Coconut: the cached multi-pass forward, generation and gradients against independent
+full recomputation; the curriculum against the paper's schedules; an engine run end to end.
+
+References feed each thought by re-running the whole unpadded prefix of one example through
+the Hugging Face model, with no cache and no batching: nothing of `Coconut.hidden_states`,
+`collate` or `engine.generation` is used.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_training import tiny
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from latentlab.backbones import add_special_tokens, build_backbone, train_tokenizer
+from latentlab.config import ModelConfig, load_config
+from latentlab.methods import METHODS
+from latentlab.methods.base import IGNORE, answer_text, steps_text
+from latentlab.methods.coconut import BOT, EOT, THOUGHT, Coconut, CoconutConfig
+from latentlab.run import evaluate, load_run, train
+from latentlab.tasks import build_task
+from latentlab.tasks.base import Example
+
+# Different question lengths and step counts (3, 2, 1, 0): at stage 2 with c=2 the rows get
+# 4, 4, 2 and 0 thoughts.
+EXAMPLES = [
+    Example("Numbers: 9 2 4 8. Target: 10.", ("9-8=1", "4*2=8", "8+1=9"), "4*2+9-8"),
+    Example("Numbers: 3 5 7. Target: 22.", ("3*5=15", "15+7=22"), "3*5+7"),
+    Example("Numbers: 1 2. Target: 3.", ("1+2=3",), "1+2"),
+    Example("Tom is a wumpus. Is Tom a wumpus?", (), "yes"),
+]
+LONG = Example("Is Tom a yumpus?", tuple(f"step {i}" for i in range(8)), "yes")
+
+
+def make(preset: str = "gpt2-tiny", **options: Any) -> Coconut:
+    texts = [e.question + "\n" + steps_text(e.steps) + answer_text(e) for e in [*EXAMPLES, LONG]]
+    tokenizer = train_tokenizer(texts * 10, 300)
+    backbone = build_backbone(ModelConfig(name=preset), tokenizer, seed=0)
+    config = CoconutConfig(**options)
+    add_special_tokens(tokenizer, backbone, Coconut.special_tokens(config))
+    return Coconut(config, backbone, tokenizer)
+
+
+def last_hidden(model: PreTrainedModel, embeds: Tensor) -> Tensor:
+    return model(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1]
+
+
+def reference_embeds(model: PreTrainedModel, ids: list[int], bot: int, n: int,
+                     detach: bool = False) -> Tensor:
+    """One example's input embeddings, thought j = last state of a from-scratch pass over
+    everything before it."""
+    embeds = model.get_input_embeddings()(torch.tensor([ids]))
+    for j in range(1, n + 1):
+        thought = last_hidden(model, embeds[:, : bot + j])[:, -1:]
+        thought = thought.detach() if detach else thought
+        embeds = torch.cat([embeds[:, : bot + j], thought, embeds[:, bot + j + 1:]], dim=1)
+    return embeds
+
+
+def reference_loss(method: Coconut, features: list[dict[str, Any]],
+                   detach: bool = False) -> tuple[Tensor, list[Tensor]]:
+    """Token-weighted mean cross-entropy and each example's logits at labelled positions."""
+    total, count, logits_per_row = torch.zeros(()), 0, []
+    for f in features:
+        embeds = reference_embeds(method.backbone, f["input_ids"], f["bot"], f["thoughts"],
+                                  detach)
+        logits = method.backbone(inputs_embeds=embeds).logits[0, :-1]
+        targets = torch.tensor(f["labels"][1:])
+        keep = targets != IGNORE
+        total = total + torch.nn.functional.cross_entropy(logits[keep], targets[keep],
+                                                          reduction="sum")
+        count += int(keep.sum())
+        logits_per_row.append(logits[keep])
+    return total / count, logits_per_row
+
+
+def gradients(method: Coconut, loss: Tensor) -> dict[str, Tensor]:
+    method.zero_grad()
+    loss.backward()
+    return {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+def test_cached_multipass_forward_equals_full_recomputation(preset: str) -> None:
+    method = make(preset, thoughts_per_step=2, max_latent_stage=3).eval()  # eval: no dropout
+    method.set_stage(2)
+    features = [method.encode(e) for e in EXAMPLES]
+    assert [f["thoughts"] for f in features] == [4, 4, 2, 0]
+    batch = method.collate(features)
+
+    hidden = method.hidden_states(batch)
+    loss = method(batch).loss
+    head = method.backbone.get_output_embeddings()
+    ref_loss, ref_logits = reference_loss(method, features)
+    for row, f in enumerate(features):
+        shift = batch["bot"] - f["bot"]  # columns of left padding before this row
+        labels = batch["labels"][row, 1:]
+        assert torch.equal(labels[shift: shift + len(f["labels"]) - 1],
+                           torch.tensor(f["labels"][1:]))
+        logits = head(hidden[row, :-1][labels != IGNORE])
+        torch.testing.assert_close(logits, ref_logits[row], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+
+    # Gradients too: they reach pass 0 through the cache and through the chain of thoughts.
+    grads, ref_grads = gradients(method, loss), gradients(method, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_gradient_flows_back_through_the_thought_chain() -> None:
+    method = make(thoughts_per_step=2, max_latent_stage=3).eval()
+    method.set_stage(2)
+    features = [method.encode(e) for e in EXAMPLES]
+    grads = gradients(method, method(method.collate(features)).loss)
+    detached = gradients(method, reference_loss(method, features, detach=True)[0])
+    key = "backbone.transformer.wte.weight"
+    question = torch.tensor(sorted({t for f in features for t in f["input_ids"][:f["bot"]]}))
+    # Question tokens reach the loss directly (attention) and through the thoughts: cutting
+    # the chain must change their gradient, so the method's gradient includes the chain.
+    difference = (grads[key][question] - detached[key][question]).norm()
+    assert difference > 1e-3 * grads[key][question].norm()
+
+
+def expected_ids(method: Coconut, example: Example, n_thoughts: int,
+                 steps: tuple[str, ...]) -> tuple[list[int], int]:
+    tok = method.tokenizer
+    ids = tok(example.question + "\n", add_special_tokens=False)["input_ids"]
+    ids += tok.convert_tokens_to_ids([BOT, *[THOUGHT] * n_thoughts, EOT])
+    unlabelled = len(ids)
+    ids += tok(steps_text(steps) + answer_text(example), add_special_tokens=False)["input_ids"]
+    return [*ids, tok.eos_token_id], unlabelled
+
+
+@pytest.mark.parametrize(("options", "stages", "epochs", "c"), [
+    ({}, 7, 5, 1),  # ProsQA: the defaults
+    ({"thoughts_per_step": 2, "max_latent_stage": 3, "epochs_per_stage": 3}, 4, 3, 2),  # GSM8K
+])
+def test_curriculum_follows_the_paper(options: dict[str, Any], stages: int, epochs: int,
+                                      c: int) -> None:
+    method = make(**options)
+    schedule = method.stages(epochs=1)
+    assert [(s.epochs, s.reset_optimizer) for s in schedule] == [(epochs, True)] * stages
+    last = stages - 1
+    # train.epochs beyond the curriculum goes to the last stage (Coconut's ProsQA run: 50).
+    assert [s.epochs for s in method.stages(50)] == [epochs] * last + [50 - last * epochs]
+    for k in range(stages):
+        method.set_stage(k)
+        f = method.encode(LONG)  # 8 steps: more than any stage replaces
+        kept = LONG.steps[k:] if k < last else ()  # the last stage drops every step
+        ids, unlabelled = expected_ids(method, LONG, k * c, kept)
+        assert f["input_ids"] == ids and f["thoughts"] == k * c
+        assert f["labels"] == [IGNORE] * unlabelled + ids[unlabelled:]
+    assert not any(s.reset_optimizer for s in make(**options, reset_optimizer=False).stages(1))
+
+
+def test_ablation_modes() -> None:
+    single = make(mode="no_curriculum", max_latent_stage=3)
+    assert [(s.epochs, s.reset_optimizer) for s in single.stages(7)] == [(7, False)]
+    single.set_stage(0)
+    assert single.encode(LONG)["input_ids"] == expected_ids(single, LONG, 3, ())[0]
+
+    no_thought = make(mode="no_thought", max_latent_stage=3)
+    no_thought.set_stage(2)
+    f = no_thought.encode(LONG)
+    assert f["input_ids"] == expected_ids(no_thought, LONG, 0, LONG.steps[2:])[0]
+    assert f["thoughts"] == 0 and no_thought.eval_thoughts() == 0
+
+    pause = make(mode="pause_as_thought", max_latent_stage=3)
+    pause.set_stage(2)
+    f = pause.encode(LONG)
+    # <thought> tokens are ordinary inputs here: one plain pass, nothing fed back.
+    assert f["input_ids"] == expected_ids(pause, LONG, 2, LONG.steps[2:])[0]
+    assert f["thoughts"] == 0 and pause.collate([f])["max_thoughts"] == 0
+    with pytest.raises(ValueError, match="no continuous thoughts"):
+        pause.record_thoughts(EXAMPLES)
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_thought_counts_and_alignment_in_a_padded_batch(uniform: bool) -> None:
+    method = make(thoughts_per_step=2, max_latent_stage=4, uniform_thoughts=uniform)
+    method.set_stage(3)
+    features = [method.encode(e) for e in EXAMPLES]
+    # 3, 2, 1, 0 steps at stage 3: min(3, K) * c thoughts, or 3 * c for everyone if uniform.
+    counts = [6, 6, 6, 6] if uniform else [6, 4, 2, 0]
+    assert [f["thoughts"] for f in features] == counts
+    batch = method.collate(features)
+    bot, eot = method.tokenizer.convert_tokens_to_ids([BOT, EOT])
+    assert (batch["input_ids"][:, batch["bot"]] == bot).all()
+    assert batch["thoughts"].tolist() == counts and batch["max_thoughts"] == 6
+    for row, n in enumerate(counts):
+        assert batch["input_ids"][row, batch["bot"] + n + 1] == eot
+        assert (batch["labels"][row, : batch["bot"] + n + 2] == IGNORE).all()
+        # Left padding is masked out; every real token is attended.
+        real = batch["attention_mask"][row].bool()
+        assert real.sum() == len(features[row]["input_ids"])
+        assert (batch["input_ids"][row, real] == torch.tensor(features[row]["input_ids"])).all()
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+def test_cached_generation_equals_uncached_recomputation(preset: str) -> None:
+    method = make(preset, max_latent_stage=3, thoughts_at_eval=4).eval()
+    model, tok = method.backbone, method.tokenizer
+    for stage, n in ((2, 2), (3, 4)):  # validation at stage 2: 2*c; the last stage: fixed 4
+        method.set_stage(stage)
+        completions = method.generate(EXAMPLES, max_new_tokens=8)
+        recorded = method.record_thoughts(EXAMPLES, top_k=3)
+        for example, completion, thoughts in zip(EXAMPLES, completions, recorded, strict=True):
+            prompt = tok(example.question + "\n", add_special_tokens=False)["input_ids"]
+            expected_thoughts = []
+            with torch.no_grad():
+                embeds = model.get_input_embeddings()(
+                    torch.tensor([[*prompt, tok.convert_tokens_to_ids(BOT)]]))
+                for _ in range(n):
+                    z = last_hidden(model, embeds)[:, -1:]
+                    expected_thoughts.append(int(model.get_output_embeddings()(z).argmax()))
+                    embeds = torch.cat([embeds, z], dim=1)
+                tokens: list[int] = []
+                next_id = tok.convert_tokens_to_ids(EOT)
+                for _ in range(8):
+                    embeds = torch.cat(
+                        [embeds, model.get_input_embeddings()(torch.tensor([[next_id]]))], dim=1)
+                    next_id = int(model(inputs_embeds=embeds).logits[0, -1].argmax())
+                    if next_id == tok.eos_token_id:
+                        break
+                    tokens.append(next_id)
+            assert completion == tok.decode(tokens), (preset, stage)
+            assert len(thoughts) == n and all(len(t) == 3 for t in thoughts)
+            assert [tok.decode([e]) for e in expected_thoughts] == [t[0][0] for t in thoughts]
+            assert all(1 >= a[1] >= b[1] >= 0 for t in thoughts for a, b in pairwise(t))
+
+
+def test_configs_reproduce_the_reference_runs() -> None:
+    prosqa = load_config("configs/prosqa_coconut.yaml")
+    gsm8k = load_config("configs/gsm8k_coconut.yaml")
+    countdown = load_config("configs/countdown_coconut.yaml")
+    assert (prosqa.method.thoughts_per_step, prosqa.method.max_latent_stage,
+            prosqa.method.epochs_per_stage, prosqa.train.epochs) == (1, 6, 5, 50)
+    assert (gsm8k.method.thoughts_per_step, gsm8k.method.max_latent_stage,
+            gsm8k.method.epochs_per_stage) == (2, 3, 3)
+    assert gsm8k.model.init_from is not None
+    for config in (prosqa, gsm8k, countdown):
+        assert config.method.name == "coconut" and METHODS["coconut"] is Coconut
+        assert config.train.batch_size * config.train.grad_accum >= 32
+
+
+def test_engine_runs_the_curriculum_and_the_best_model_keeps_its_stage(tmp_path: Path) -> None:
+    # 3 operands: 2 steps; stages 0 (CoT), 1 (1 thought + 1 step), 2 (2 thoughts), 1 epoch
+    # each, validated at each epoch end.
+    config = tiny(tmp_path, "method.name=coconut", "method.max_latent_stage=2",
+                  "method.epochs_per_stage=1", "train.epochs=3", "train.max_steps=null",
+                  "train.eval_every=0")
+    results = train(config)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in rows if r.get("split") == "valid"]
+    assert [r["stage"] for r in valid] == [0, 1, 2]
+    assert {r["stage"] for r in rows if "loss" in r} == {0, 1, 2}
+    # Only the last stage's validations compete for best/ (stage 0 is CoT, not Coconut).
+    method, loaded = load_run(tmp_path)
+    assert method.latent_stage == 2
+    task = build_task(loaded.task)
+    metrics, predictions = evaluate(method, task, task.load("test"), loaded.eval)
+    assert metrics == results["test"] and len(predictions) == 8
