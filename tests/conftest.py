@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -37,6 +39,25 @@ RUN_CONFIG = {
 class FinishedRun:
     config: Path  # RUN_CONFIG as a YAML file
     run_dir: Path  # an uninterrupted run of it: the reference, never to be modified
+
+    def assert_same_as(self, other: Path) -> None:
+        """`other` (another run of the same config) reached this run's results: the final
+        checkpoint and the best model byte for byte, the metrics but for wall-clock figures."""
+        name = (self.run_dir / "checkpoints" / "latest").read_text()
+        assert (other / "checkpoints" / "latest").read_text() == name
+        for rel in (f"checkpoints/{name}/model.safetensors", f"checkpoints/{name}/optimizer.pt",
+                    f"checkpoints/{name}/scheduler.pt", f"checkpoints/{name}/rng-0.pt",
+                    "best/model/model.safetensors", "predictions-test.jsonl"):
+            assert (self.run_dir / rel).read_bytes() == (other / rel).read_bytes(), rel
+        assert metric_rows(self.run_dir) == metric_rows(other)
+        ours, theirs = (json.loads((d / "results.json").read_text()) for d in (self.run_dir, other))
+        assert {**ours, "run_dir": None} == {**theirs, "run_dir": None}
+
+
+def metric_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl without its wall-clock figure (tokens_per_s)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows]
 
 
 @pytest.fixture(scope="session")

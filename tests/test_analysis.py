@@ -26,7 +26,6 @@ from latentlab.analysis import (
 )
 from latentlab.config import dump_config, load_config
 from latentlab.errors import RunError
-from latentlab.methods import METHODS
 from latentlab.run import load_run, train
 from latentlab.tasks import build_task
 
@@ -259,9 +258,7 @@ def test_a_method_without_latents_is_refused(tmp_path: Path) -> None:
                 tmp_path / "config.yaml")
     with pytest.raises(RunError, match="method cot has no latents to analyse") as err:
         analyze_run(tmp_path)
-    # Coconut joins the list once methods/coconut.py offers `latents` (being written).
-    able = ["pause", "soft", "liu", "h1", "h2"]
-    able += ["coconut"] if hasattr(METHODS["coconut"], "latents") else []
+    able = ["pause", "soft", "liu", "h1", "h2", "coconut", "latent_sft"]
     assert err.value.fix == f"analyse a run of {', '.join(able[:-1])} or {able[-1]}"
 
 

@@ -122,3 +122,22 @@ def reloaded_example():
     from latentlab.tasks.base import Example
 
     return Example("Numbers: 2 3 4. Target: 20.", ("2+3=5", "5*4=20"), "(2+3)*4")
+
+
+def test_resume_is_exact_for_a_run_started_from_another(tmp_path: Path) -> None:
+    # from_pretrained returns modules in eval mode; training must still use dropout from the
+    # first step, or the interrupted and the straight run draw different random numbers.
+    base = tmp_path / "base"
+    train(tiny(base, "train.max_steps=3"))
+    runs = {}
+    for name, stop in (("straight", None), ("interrupted", 2)):
+        overrides = ["method.name=soft", f"model.init_from={base}", "train.max_steps=5",
+                     "train.eval_every=5"]
+        if stop:
+            result = train(tiny(tmp_path / name, *overrides, f"train.stop_after={stop}"))
+            assert result["stopped_at_step"] == stop
+            assert not (tmp_path / name / "results.json").exists()
+        runs[name] = train(tiny(tmp_path / name, *overrides), resume=stop is not None)
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "interrupted")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert runs["straight"]["test"] == runs["interrupted"]["test"]

@@ -202,7 +202,12 @@ def analyze_run(run_dir: Path, split: Split = "valid", n: int = 500, k: int = 5,
     size = config.eval.batch_size
     latents = torch.cat([source.latents(examples[s:s + size]).float().cpu()
                          for s in range(0, len(examples), size)])
-    capture = capture_matrix(latents, variance, max_components)
+    # Variable-length latents (Latent-SFT) are zero after each example's #L: keep the leading
+    # slots every example uses (a slot that never varies has no subspace).
+    width = int((latents != 0).any(-1).all(0).long().cumprod(0).sum())
+    if width == 0:
+        raise DataError("an example used no latent step", fix="analyse a longer-trained run")
+    capture = capture_matrix(latents[:, :width], variance, max_components)
 
     out = run_dir / "analysis"
     out.mkdir(exist_ok=True)

@@ -135,9 +135,16 @@ def build_backbone(config: ModelConfig, tokenizer: PreTrainedTokenizerBase,
 
 def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
     local = resolve_path(name)
-    source = str(local) if local.exists() else name
+    if local.exists():
+        try:
+            return cls.from_pretrained(str(local), **kwargs)
+        except LOAD_ERRORS as exc:
+            raise _damaged(local, what, exc) from None
+    if local.is_absolute() or name.startswith((".", "~")):  # a path, not a hub id
+        raise ModelError(f"cannot load the {what} {name!r}: directory {local} does not exist",
+                         fix="check the path, or use a preset or a hub id")
     try:
-        return cls.from_pretrained(source, **kwargs)
+        return cls.from_pretrained(name, **kwargs)
     except LOAD_ERRORS as exc:
         presets = ", ".join(PRESETS)
         raise ModelError(
@@ -190,9 +197,8 @@ def load_saved_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
 def _damaged(path: Path, what: str, exc: Exception) -> ModelError:
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return ModelError(f"the {what} saved in {path} cannot be loaded ({detail})",
-                      fix="its files are damaged or incomplete: restore them, or train the "
-                          "run that wrote them again")
+    return ModelError(f"cannot load the {what} saved in {path} ({detail})",
+                      fix="its files are damaged or incomplete: restore or re-create them")
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:

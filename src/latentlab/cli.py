@@ -22,6 +22,9 @@ from latentlab.errors import LatentlabError, PathError
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not sys.stderr.isatty():  # in a log file, transformers' load/save bars are noise
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     try:
         with _sigterm_interrupts():
             return int(args.func(args) or 0)
@@ -65,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="YAML config, e.g. configs/countdown_cot.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in the config's out_dir from its last checkpoint")
+                   help="continue the run in the config's out_dir from its last checkpoint "
+                        "(or start it, if it has none)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a finished run's best model")
@@ -100,6 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="variance each slot's principal subspace explains")
     p.add_argument("--max-components", type=int, help="cap on a slot's subspace dimension")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("sweep", help="run a grid of runs (methods x N_L x tasks x seeds) "
+                       "with shared upstream runs; skips finished runs, resumes the rest")
+    p.add_argument("sweep", type=Path,
+                   help="sweep file, e.g. configs/sweeps/dual_architecture.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every job")
+    p.add_argument("--workers", type=int, help="parallel worker processes (default: one per "
+                   "GPU when several are visible, else 0 = one job after another)")
+    p.add_argument("--out-dir", type=Path, help="where the jobs' run directories go")
+    p.add_argument("--dry-run", action="store_true", help="print the job plan and stop")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="Markdown report with figures, CSV and JSON from runs")
+    p.add_argument("run_dirs", nargs="+", type=Path, help="run directories or sweep directories")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="a few-minute CPU comparison of every method")
     p.add_argument("--methods", help="comma-separated subset, e.g. cot,nocot")
@@ -155,6 +176,25 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     summary = analyze_run(args.run_dir, args.split, args.n, args.top_k, args.readout,
                           args.variance, args.max_components)
     print(json.dumps(summary))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from latentlab.sweep import load_sweep, plan_table, run_sweep
+
+    if args.dry_run:
+        print(plan_table(load_sweep(args.sweep, args.overrides, args.out_dir)))
+        return 0
+    result = run_sweep(args.sweep, args.overrides, workers=args.workers, out_dir=args.out_dir)
+    return 0 if result.ok else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from latentlab.report import build_report
+
+    report = build_report(args.run_dirs, args.out, split=args.split)
+    print(json.dumps({"report": str(report.out / "report.md"), "runs": len(report.runs),
+                      "files": [str(f) for f in report.files], "skipped": report.skipped}))
     return 0
 
 

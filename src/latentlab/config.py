@@ -155,9 +155,9 @@ def describe_validation_error(exc: ValidationError, data: dict[str, Any]) -> tup
         section = _model_at(loc[:-1], data)
         known = sorted(section.model_fields) if section else []
         close = difflib.get_close_matches(loc[-1], known, n=1)
-        hint = f"did you mean {'.'.join([*loc[:-1], close[0]])}?" if close else \
-            f"valid keys here: {', '.join(known)}"
-        return f"unknown config key {key}", f"remove it; {hint}"
+        hint = f" (did you mean {'.'.join([*loc[:-1], close[0]])}?)" if close else \
+            f"; valid keys here: {', '.join(known)}"
+        return f"unknown config key {key}", f"remove it{hint}"
     if err["type"] == "union_tag_invalid":
         return (f"{key}.name is {err['input'].get('name')!r}, which is not known" if isinstance(
             err["input"], dict) else f"{key} is invalid",

@@ -59,10 +59,11 @@ class PathError(LatentlabError):
 
     @classmethod
     def from_os_error(cls, exc: OSError) -> PathError:
-        path = exc.filename if exc.filename is not None else "a path"
-        problem, fix = _OS_ERRORS.get(exc.errno or 0, ("{path}: " + (exc.strerror or str(exc)),
-                                                       "check the path"))
-        return cls(problem.format(path=path), fix)
+        if exc.errno in _OS_ERRORS and exc.filename is not None:
+            problem, fix = _OS_ERRORS[exc.errno]
+            return cls(problem.format(path=exc.filename), fix)
+        where = f" ({exc.filename})" if exc.filename is not None else ""
+        return cls(f"{exc.strerror or exc}{where}", "check the paths the command uses")
 
 
 def require_file(path: Path, what: str, fix: str,

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed, tqdm
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedDataParallelKwargs, set_seed, tqdm
 from torch import Tensor
 
 from latentlab.backbones import (
@@ -47,24 +47,28 @@ CONFIG_FILE = "config.yaml"
 # What a run writes besides config.yaml and deletes or replaces when it runs again: a directory
 # holding any of them but no config.yaml is not a run, and is refused rather than overwritten.
 RUN_ENTRIES = ("checkpoints", "best", "metrics.jsonl", "results.json", "environment.json")
-# Config keys a `--resume` may change: where this invocation ends, and how a NaN is handled
-# from now on (a run stopped by one continues with `train.on_nonfinite=skip`).
+# `train` keys a `--resume` may change: where this invocation ends, and how a NaN is handled
+# from now on (a run stopped by one continues with `train.on_nonfinite=skip`). `out_dir` may
+# change too: a run directory can be moved.
 RESUMABLE_CHANGES = ("stop_after", "on_nonfinite")
 TOKENIZER_DOCUMENTS = 200  # documents a text run trains its tokenizer on
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
+def make_accelerator(mixed_precision: str, find_unused_parameters: bool = False) -> Accelerator:
     if mixed_precision == "auto":
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         mixed_precision = "bf16" if bf16 else "no"
-    return Accelerator(mixed_precision=mixed_precision)
+    handlers = ([DistributedDataParallelKwargs(find_unused_parameters=True)]
+                if find_unused_parameters else [])
+    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=handlers)
 
 
 def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Train (or resume) the run `config` describes; returns the final results."""
     run_dir = config.run_dir()
     _check_run_dir(run_dir, config, resume)
-    acc = make_accelerator(config.train.mixed_precision)
+    acc = make_accelerator(config.train.mixed_precision,
+                           METHODS[config.method.name].ddp_find_unused_parameters(config.method))
     set_seed(config.train.seed)
     task = build_task(config.task)
     text = isinstance(task, TextTask)
@@ -79,12 +83,17 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         texts = (prompt_text(e) + steps_text(e.steps) + answer_text(e) for e in train_data)
         method = build_method(config, texts, run_dir)
         encode = method.encode
-    # Only now that data and model load is the directory a run (a failed start leaves none).
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, run_dir / CONFIG_FILE)
-        write_environment(run_dir / "environment.json")
     acc.wait_for_everyone()
+
+    def record_run() -> None:
+        # config.yaml makes the directory a run. It is written once training gets going, so
+        # that a start that fails (bad data or model, a damaged checkpoint) writes nothing.
+        if acc.is_main_process:
+            dump_config(config, run_dir / CONFIG_FILE)
+            write_environment(run_dir / "environment.json")
+
     n_params = count_parameters(method)
     n_trainable = count_parameters(method, trainable_only=True)
     acc.print(f"[latentlab] {config.method.name} on {config.task.name}: {n_params:,} parameters "
@@ -114,7 +123,12 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
                       select_metric="perplexity" if text else "accuracy",
                       select_mode="min" if text else "max")
     stages = method.stages(config.train.epochs)
-    trainer.fit(stages, prepare, num_examples=len(train_data), resume=resume)
+    state = trainer.fit(stages, prepare, num_examples=len(train_data), resume=resume,
+                        on_start=record_run)
+    if not state.done:  # stopped early (train.stop_after): no final scores yet
+        acc.print(f"[latentlab] stopped at step {state.step}; continue with --resume")
+        return {"task": config.task.name, "method": config.method.name,
+                "run_dir": str(run_dir), "stopped_at_step": state.step}
 
     # Score the best model (chosen on validation) on the final splits.
     best, _ = load_run(run_dir, acc.device)
@@ -165,7 +179,7 @@ def perplexity(method: Method, windows: list[list[int]], batch_size: int) -> dic
 
 
 def build_method(config: RunConfig, training_texts: Iterable[str], run_dir: Path) -> Method:
-    """Tokenizer (reused from the run dir on resume), backbone, special tokens, method."""
+    """Tokenizer (the run's own on resume), backbone, special tokens, method."""
     method_cls = METHODS[config.method.name]
     saved, new_tokenizer = run_dir / "tokenizer", None
     if config.model.init_from:
@@ -173,17 +187,19 @@ def build_method(config: RunConfig, training_texts: Iterable[str], run_dir: Path
         backbone, tokenizer = load_pretrained_dir(best / "model",
                                                   config.model.attn_implementation)
     else:
+        # Only a directory with config.yaml holds a run: a tokenizer/ without it is left by a
+        # start that failed, maybe with another config, and is replaced.
         if (run_dir / CONFIG_FILE).is_file() and saved.is_dir():
-            tokenizer = load_saved_tokenizer(saved)  # resume: the run's own tokenizer
+            tokenizer = load_saved_tokenizer(saved)
         else:
             tokenizer = build_tokenizer(config.model, training_texts)
-            # Saved as it is now, before the method adds its tokens: a resumed run then
-            # builds the same backbone. Saved last, so that a failed start writes nothing.
+            # Saved as it is now, before the method adds its tokens (a resumed run then builds
+            # the same backbone), once the model has loaded.
             new_tokenizer = copy.deepcopy(tokenizer)
         backbone = build_backbone(config.model, tokenizer, config.train.seed)
     add_special_tokens(tokenizer, backbone, method_cls.special_tokens(config.method))
     method = method_cls(config.method, backbone, tokenizer)
-    if new_tokenizer is not None:
+    if new_tokenizer is not None and PartialState().is_main_process:  # one writer per run
         replace_dir(saved, new_tokenizer.save_pretrained)
     return method
 
@@ -202,8 +218,8 @@ def _init_source(config: RunConfig) -> Path:
     differ = [k for k in compared if getattr(before, k) != getattr(config.model, k)]
     if differ:
         theirs = ", ".join(f"model.{k}={getattr(before, k)}" for k in differ)
-        raise ConfigError(f"{where} trained another model ({theirs}) than this config describes",
-                          fix=f"set {theirs}, or start from a run of this model")
+        raise ConfigError(f"{where} holds a model with {theirs}, not the one this config "
+                          "describes", fix=f"set {theirs}, or start from a run of this model")
     best = existing_dir(source / "best")
     if best is None:
         raise ConfigError(f"{where} has no best/ model",
@@ -216,7 +232,7 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[Method,
     config_file = run_dir / CONFIG_FILE
     if not config_file.is_file():
         raise RunError(f"{run_dir} is not a latentlab run directory (no {CONFIG_FILE})"
-                       if run_dir.is_dir() else f"run directory {run_dir} does not exist",
+                       if run_dir.exists() else f"run directory {run_dir} does not exist",
                        fix="give the directory a `latentlab train` run wrote")
     config = load_config(config_file)
     best = existing_dir(run_dir / "best")
@@ -248,12 +264,16 @@ def evaluate(method: Method, task: Task, examples: list[Example], eval_config: A
     for start in tqdm(range(0, len(mine), size), desc="eval", leave=False,
                       disable=len(mine) <= size or not sys.stderr.isatty()):
         idx = mine[start:start + size]
-        completions = method.generate([examples[i] for i in idx], eval_config.max_new_tokens)
-        for i, completion in zip(idx, completions, strict=True):
+        completions, steps = method.generate_with_steps([examples[i] for i in idx],
+                                                        eval_config.max_new_tokens)
+        for i, completion, n_steps in zip(idx, completions, steps, strict=True):
             answer = extract_answer(completion)
-            rows.append({"index": i, "question": examples[i].question,
-                         "gold": examples[i].answer, "completion": completion,
-                         "prediction": answer, "correct": task.score(answer, examples[i])})
+            row = {"index": i, "question": examples[i].question, "gold": examples[i].answer,
+                   "completion": completion, "prediction": answer,
+                   "correct": task.score(answer, examples[i])}
+            if n_steps is not None:
+                row["latent_steps"] = n_steps
+            rows.append(row)
     if acc is not None and world > 1:
         from accelerate.utils import gather_object
         rows = gather_object(rows)
@@ -261,7 +281,10 @@ def evaluate(method: Method, task: Task, examples: list[Example], eval_config: A
     method.train(was_training)
     n = len(rows)
     accuracy = sum(r["correct"] for r in rows) / n if n else 0.0
-    return {"accuracy": accuracy, "n": n}, rows
+    metrics: dict[str, float] = {"accuracy": accuracy, "n": n}
+    if rows and "latent_steps" in rows[0]:  # Latent-SFT's #L (mean latent steps)
+        metrics["latent_steps"] = sum(r["latent_steps"] for r in rows) / n
+    return metrics, rows
 
 
 def evaluate_run(run_dir: Path, split: Split = "test", data: Path | None = None,
@@ -284,7 +307,7 @@ def evaluate_run(run_dir: Path, split: Split = "test", data: Path | None = None,
         return {"task": config.task.name, "method": config.method.name, "split": split,
                 **metrics, "run_dir": str(run_dir)}
     if data is not None:
-        examples = task.read(resolve_path(data), split)
+        examples = task.read_file(resolve_path(data), split)
         if not examples:
             raise DataError(f"{data} holds no examples", fix="give a non-empty data file")
     else:
@@ -307,8 +330,10 @@ def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
     """Refuse to start where results would be overwritten; `--resume` only the same run."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunError(f"run directory {run_dir} is a file",
+    blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()),
+                    None)
+    if blocking is not None:
+        raise RunError(f"run directory {run_dir} cannot be created: {blocking} is a file",
                        fix="set out_dir=... to a new directory")
     existing = run_dir / CONFIG_FILE
     if not existing.exists():
@@ -323,8 +348,10 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
                        fix="add --resume to continue it, or set out_dir=... to start another")
     before = load_config(existing).model_dump()
     now = config.model_dump()
-    for key in RESUMABLE_CHANGES:
-        before["train"].pop(key), now["train"].pop(key)
+    for dump in (before, now):
+        dump.pop("out_dir")
+        for key in RESUMABLE_CHANGES:
+            dump["train"].pop(key)
     if before != now:
         changed = _diff_keys(before, now)
         raise ConfigError(f"--resume with a config that differs from the run's in "

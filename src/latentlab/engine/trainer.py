@@ -10,7 +10,9 @@ Accelerate handles devices, DDP and mixed precision. The loop itself is explicit
 permutation per epoch, global batches split across processes and then into micro-batches for
 gradient accumulation, AdamW, warmup + cosine, clipping, JSONL metrics, periodic validation,
 atomic resumable checkpoints. A resumed run continues with the same data order, RNG states,
-optimizer and scheduler, so it reaches the weights of an uninterrupted run.
+optimizer and scheduler, so it reaches the weights of an uninterrupted run. A NaN/Inf step
+stops the run or is skipped (`train.on_nonfinite`); SIGTERM/SIGINT save a checkpoint, then stop
+(docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from latentlab.config import TrainConfig
-from latentlab.engine.checkpoint import CheckpointManager, atomic_write_text
+from latentlab.engine.checkpoint import CheckpointManager
 from latentlab.engine.interface import Stage
 from latentlab.errors import NumericalError, RunError
 
@@ -88,7 +90,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------
     def fit(self, stages: Sequence[Stage], prepare: Callable[[int], Sequence[Any]],
-            num_examples: int, resume: bool = False) -> TrainerState:
+            num_examples: int, resume: bool = False,
+            on_start: Callable[[], None] | None = None) -> TrainerState:
+        """Train through `stages`, from the latest checkpoint if `resume`. `on_start` is called
+        once, right before the first step, when everything that can fail at the start (data,
+        a damaged checkpoint) has passed."""
         cfg = self.config
         self.stages = stages
         global_batch = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
@@ -99,7 +105,13 @@ class Trainer:
                          else get_constant_schedule_with_warmup)
         kwargs = {"num_training_steps": total} if cfg.schedule == "cosine" else {}
         scheduler = make_schedule(optimizer, num_warmup_steps=cfg.warmup_steps, **kwargs)
-        model, optimizer, scheduler = self.acc.prepare(self.model, optimizer, scheduler)
+        # The scheduler stays unprepared: Accelerate would step it once per process at each
+        # step (it assumes per-process batches), running the schedule `num_processes` times too
+        # fast, while `total` counts optimizer steps over global batches.
+        model, optimizer = self.acc.prepare(self.model, optimizer)
+        # from_pretrained (init_from, a reloaded Base) returns modules in eval mode: train mode
+        # from the first step, so dropout and its RNG draws match a resumed run's.
+        self.model.train()
         state, resumed_from = (self._resume(optimizer, scheduler) if resume
                                else (TrainerState(), None))
         if state.done:
@@ -123,6 +135,9 @@ class Trainer:
                 for epoch in range(state.epoch, stage.epochs):
                     batches = self._epoch_batches(len(data), stage_index, epoch, global_batch)
                     for b in range(state.batch, len(batches)):
+                        if on_start is not None:
+                            on_start()
+                            on_start = None
                         t0 = time.perf_counter()
                         result = self._step(model, optimizer, scheduler,
                                             [data[i] for i in batches[b]])
@@ -214,11 +229,11 @@ class Trainer:
 
     def _nonfinite_error(self, step: int, result: StepResult) -> NumericalError:
         latest = self.checkpoints.latest()
-        kept = f"{latest.relative_to(self.run_dir)} is kept" if latest else "no checkpoint yet"
+        kept = (f"{latest.relative_to(self.run_dir)} is the last checkpoint" if latest
+                else "there is no checkpoint yet")
         return NumericalError(
             f"step {step}: the loss or the gradient is not finite (loss {result.loss}, gradient "
-            f"norm {result.grad_norm}); training stopped, the last checkpoint ({kept}) and "
-            f"best/ are untouched",
+            f"norm {result.grad_norm}); training stopped and wrote nothing more: {kept}",
             fix="resume with train.on_nonfinite=skip added to skip such steps, or start a new "
                 "run with a lower train.lr or train.max_grad_norm")
 
@@ -357,7 +372,3 @@ class Trainer:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1))

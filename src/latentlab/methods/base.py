@@ -127,6 +127,18 @@ class Method(nn.Module, ABC):
                                self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         return decode_completions(self.tokenizer, tokens)
 
+    def generate_with_steps(self, examples: list[Example],
+                            max_new_tokens: int) -> tuple[list[str], list[int | None]]:
+        """Completions and, for methods whose number of latent steps varies per example
+        (Latent-SFT's `#L`), that number; None where it does not apply."""
+        return self.generate(examples, max_new_tokens), [None] * len(examples)
+
+    @classmethod
+    def ddp_find_unused_parameters(cls, config: MethodConfig) -> bool:
+        """Whether some trainable parameters get no gradient in some steps (a schedule that
+        freezes parts of the model), which DDP must be told about."""
+        return False
+
     def prompt_ids(self, example: Example) -> list[int]:
         """The tokens the model reads before it starts to answer."""
         return self.tokens(prompt_text(example))

@@ -81,11 +81,12 @@ class Task(ABC):
         """The examples of a split: read from the configured file, else generated."""
         path = self.config.path(split)
         if path is not None:
-            examples = self.read(resolve_path(path), split)
+            examples = self.read_file(resolve_path(path), split)
         else:
             examples = self.generate(split, self.config.size(split), self.config.seed)
         if not examples:
-            raise DataError(f"the {split} split of task {self.name!r} is empty",
+            raise DataError(f"the {split} split of task {self.name!r} is empty"
+                            + (f" ({path} holds no examples)" if path else ""),
                             fix=f"point task.{split} at a file with at least one example")
         if split in self.config.limit:
             examples = examples[: self.config.limit[split]]
@@ -94,6 +95,16 @@ class Task(ABC):
     @abstractmethod
     def read(self, path: Path, split: Split) -> list[Example]:
         """Parse a data file of this task."""
+
+    def read_file(self, path: Path, split: Split) -> list[Example]:
+        """`read`, with errors that say which task's format the file was read in: the usual
+        cause of a malformed row is a file of another task."""
+        require_file(path, "data file", "check the path", DataError)
+        try:
+            return self.read(path, split)
+        except DataError as err:
+            raise DataError(err.problem, fix=f"{err.fix} (the file is read as {self.name} "
+                                             "data)") from None
 
     def generate(self, split: Split, n: int, seed: int) -> list[Example]:
         raise DataError(f"task {self.name!r} cannot generate data and task.{split} is not set",

@@ -109,7 +109,7 @@ class GSM8KTask(Task):
             examples = self._from_hub("test")
         else:
             train = (self._from_hub("train") if cfg.format == "hub"
-                     else self.read(self._train_path(), "train"))
+                     else self.read_file(self._train_path(), "train"))
             if cfg.valid_from_train >= len(train):
                 raise DataError(f"valid_from_train ({cfg.valid_from_train}) leaves no train rows "
                                 f"out of {len(train)}",
