@@ -42,7 +42,7 @@ from latentlab.methods.cot import CoT, CoTConfig
 from latentlab.tasks.base import Example
 
 
-def make_examples(args: argparse.Namespace, rng: random.Random) -> list[Example]:
+def make_examples(args: argparse.Namespace, rng: random.Random, n: int) -> list[Example]:
     def words(n: int) -> str:
         return " ".join(f"w{rng.randrange(args.vocab - 4)}" for _ in range(n))
 
@@ -50,7 +50,7 @@ def make_examples(args: argparse.Namespace, rng: random.Random) -> list[Example]
     per_step = max(1, args.cot_tokens // max(args.thoughts, 1))
     return [Example(words(args.question_tokens), tuple(words(per_step) for _ in
                                                        range(args.thoughts)),
-                    words(max(args.answer_tokens - 2, 1))) for _ in range(args.batch)]
+                    words(max(args.answer_tokens - 2, 1))) for _ in range(n)]
 
 
 def recomputed_hidden(method: Coconut, batch: dict[str, Any]) -> Tensor:
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
+    parser.add_argument("--gen-batch", type=int, default=128,
+                        help="examples per batched generation call")
     parser.add_argument("--gen-steps", type=int, default=3,
                         help="timed generation calls (after one untimed call)")
     parser.add_argument("--ref-examples", type=int, default=8,
@@ -122,7 +124,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_special_tokens(tokenizer, backbone, Coconut.special_tokens(config))
     method = Coconut(config, backbone, tokenizer).to(device)
     method.set_stage(args.thoughts)  # the last stage: all steps are thoughts
-    examples = make_examples(args, random.Random(args.seed))
+    rng = random.Random(args.seed)
+    examples = make_examples(args, rng, args.batch)
+    gen_examples = make_examples(args, rng, args.gen_batch)
     batch = method.collate([method.encode(e) for e in examples])
     batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
@@ -160,25 +164,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  for n, fn in hidden_fns.items() if n != "plain_one_pass"}
 
     cot = CoT(CoTConfig(), backbone, tokenizer).eval()
-    n_ref = min(args.ref_examples, len(examples))
+    n_ref = min(args.ref_examples, len(gen_examples))
 
     def coconut_generate() -> None:
         with autocast():
-            method.generate(examples, args.new_tokens)
+            method.generate(gen_examples, args.new_tokens)
 
     def cot_generate() -> None:
         with autocast():
-            cot.generate(examples, args.cot_tokens + args.new_tokens)
+            cot.generate(gen_examples, args.cot_tokens + args.new_tokens)
 
     def reference() -> None:
         with autocast():
-            for e in examples[:n_ref]:
+            for e in gen_examples[:n_ref]:
                 reference_generate(method, e, args.thoughts, args.new_tokens)
 
     generation = {}
-    for name, fn, n in (("coconut_batched", coconut_generate, len(examples)),
+    for name, fn, n in (("coconut_batched", coconut_generate, len(gen_examples)),
                         ("reference_batch1", reference, n_ref),
-                        ("cot_batched", cot_generate, len(examples))):
+                        ("cot_batched", cot_generate, len(gen_examples))):
         seconds = clock.mean_seconds(fn, args.gen_steps, warmup=1)
         generation[name] = {"examples": n, "seconds": seconds, "examples_per_s": n / seconds}
     for name in generation:

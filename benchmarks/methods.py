@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--latents", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--seq-len", type=int, default=1024)
+    # GPT-2's 1,024 positions hold the window and the latents after a point.
+    parser.add_argument("--seq-len", type=int, default=1008)
     parser.add_argument("--points", type=int, default=16)
     parser.add_argument("--ahead", type=int, default=16)
     parser.add_argument("--pretrain-latents", type=int, default=16)

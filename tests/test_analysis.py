@@ -1,12 +1,15 @@
 """Analyses of latents: capture matrix against hand-computed values, token readout, heatmap,
-and `analyze_run` on a tiny trained run."""
+and `analyze_run` on tiny trained runs (Latent-SFT's metrics on a two-phase pipeline)."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import math
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from matplotlib.image import imread
 from test_training import TINY
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
+from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from latentlab.analysis import (
@@ -25,8 +29,17 @@ from latentlab.analysis import (
     top_tokens,
 )
 from latentlab.config import dump_config, load_config
-from latentlab.errors import RunError
-from latentlab.run import load_run, train
+from latentlab.errors import ConfigError, RunError
+from latentlab.latent_metrics import (
+    countdown_solutions,
+    ecr_at_k,
+    effective_parallelism,
+    encoder_ecr,
+    solution_paths,
+)
+from latentlab.methods.base import steps_text
+from latentlab.methods.latent_sft import LatentSFT
+from latentlab.run import evaluate, load_run, train
 from latentlab.tasks import build_task
 
 D = 12
@@ -269,3 +282,164 @@ def test_cli_analyze_prints_the_summary_as_json(soft_run: Path, capsys) -> None:
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["method"] == "soft" and summary["n"] == 4
     assert len(summary["H"]) == 3 and (soft_run / "analysis" / "capture.png").is_file()
+
+
+# ----------------------------------------------------------------- Latent-SFT's metrics
+
+LATENT_SFT_KEYS = {
+    "run_dir", "task", "method", "split", "n", "phase", "encoder_run", "chunk_size", "k",
+    "ecr_at_k", "length", "n_eff_mean", "n_eff_share_above", "n_eff_threshold", "n_eff_examples",
+    "multi_solution_examples", "n_eff_note", "per_example"}
+
+
+@pytest.fixture(scope="module")
+def latent_sft_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A phase-encoder run and a phase-latent run from it (as test_latent_sft's pipeline);
+    eval.batch_size=3: the 8 validation examples go in batches of 3, 3, 2."""
+    root = tmp_path_factory.mktemp("latent_sft")
+    encoder, latent = root / "encoder", root / "latent"
+    common = ["method.name=latent_sft", "train.max_steps=null", "train.eval_every=0",
+              "method.max_latent_steps=4", "eval.batch_size=3"]
+    train(load_config(base=TINY, overrides=[f"out_dir={encoder}", *common,
+                                            "method.schedule_epochs=[1,1,1]"]))
+    train(load_config(base=TINY, overrides=[
+        f"out_dir={latent}", *common, "method.phase=latent", f"method.encoder_from={encoder}",
+        f"model.init_from={encoder}", "train.epochs=1"]))
+    return encoder, latent
+
+
+def test_analyze_latent_sft_writes_ecr_lengths_and_n_eff(latent_sft_runs: tuple[Path, Path]
+                                                         ) -> None:
+    encoder_run, latent_run = latent_sft_runs
+    summary = analyze_run(latent_run, split="valid")
+    path = latent_run / "analysis" / "latent_sft.json"
+    assert summary["files"][-1] == str(path)
+    saved = json.loads(path.read_text())
+    assert set(saved) == LATENT_SFT_KEYS
+    assert summary["latent_sft"] == {k: v for k, v in saved.items() if k != "per_example"}
+    assert (saved["phase"], saved["n"], saved["split"], saved["k"]) == ("latent", 8, "valid", 50)
+    assert saved["encoder_run"] == str(encoder_run)
+
+    # ECR@50 against the encoder's alphas of all 8 examples at once (analyze went in batches
+    # of 3); K = 50 is beyond α's support (top_k), so the ranking must cover the vocabulary.
+    encoder, config = load_run(encoder_run)
+    assert isinstance(encoder, LatentSFT) and encoder.config.top_k < 50
+    task = build_task(config.task)
+    examples = task.load("valid")
+    alphas = encoder.encoder_alphas(examples, 50)
+    assert all(i.shape[1] == 50 for i, _ in alphas)
+    chunks = [encoder.chunks(e) for e in examples]
+    expected = ecr_at_k([i for i, _ in alphas], chunks, k=50)
+    assert saved["ecr_at_k"] == pytest.approx(expected)
+    assert 0.0 < saved["ecr_at_k"] < encoder.config.chunk_size
+
+    # Lengths: #L and Pass@1 as `evaluate` measures them; CoT tokens from the tokenizer.
+    method, _ = load_run(latent_run)
+    metrics, _ = evaluate(method, task, examples, config.eval)
+    rows = saved["per_example"]
+    assert saved["length"]["latent_steps"] == pytest.approx(metrics["latent_steps"])
+    assert saved["length"]["pass@1"] == pytest.approx(100 * metrics["accuracy"])
+    assert [r["cot_tokens"] for r in rows] == [
+        len(method.tokenizer(steps_text(e.steps), add_special_tokens=False)["input_ids"])
+        for e in examples]
+
+    # N_eff: 1 <= N_eff <= M where defined (M >= 2 solutions, T >= 1 latent step), and example
+    # by example the value of that example alone.
+    assert [r["solutions"] for r in rows] == [
+        len(countdown_solutions(e.meta["numbers"], e.meta["target"])) for e in examples]
+    scored = [r["n_eff"] for r in rows if r["n_eff"] is not None]
+    assert len(scored) == saved["n_eff_examples"] >= 2
+    for example, row in zip(examples, rows, strict=True):
+        assert (row["n_eff"] is None) == (row["solutions"] < 2 or row["latent_steps"] < 1)
+        if row["n_eff"] is not None:
+            assert 1.0 - 1e-9 <= row["n_eff"] <= row["solutions"] + 1e-9
+            (q,) = method.latent_distributions([example])
+            solutions = countdown_solutions(example.meta["numbers"], example.meta["target"])
+            alone = effective_parallelism(q, solution_paths(method.tokenizer, solutions, len(q)))
+            assert row["n_eff"] == pytest.approx(alone, rel=1e-4)
+    assert saved["multi_solution_examples"] == sum(r["solutions"] >= 2 for r in rows)
+    assert saved["n_eff_mean"] == pytest.approx(sum(scored) / len(scored))
+    assert saved["n_eff_share_above"] == sum(v > 1.7 for v in scored) / len(scored)
+
+    # The encoder run itself: the same ECR@K, no lengths, no N_eff (its decoder never learned
+    # to produce latents). With K = V every chunk token is found: ECR = mean chunk length.
+    vocab = encoder.backbone.get_input_embeddings().num_embeddings
+    own = analyze_run(encoder_run, split="valid", ecr_k=vocab)["latent_sft"]
+    assert own["phase"] == "encoder" and own["encoder_run"] == str(encoder_run)
+    r = encoder.config.chunk_size
+    lengths = [len(encoder.tokenizer(steps_text(e.steps), add_special_tokens=False)
+                   ["input_ids"]) for e in examples]
+    assert own["ecr_at_k"] == pytest.approx(sum(lengths) / sum(-(-n // r) for n in lengths))
+    assert own["length"] is None and own["n_eff_mean"] is None
+    assert "phase-latent run" in own["n_eff_note"]
+    assert json.loads((encoder_run / "analysis" / "latent_sft.json").read_text())[
+        "per_example"] is None
+
+
+class ChunkEcho:
+    """A stand-in encoder whose latent i of example j ranks chunk i of example j first (then
+    tokens no chunk uses): ECR@K is the mean chunk length, unless alphas and chunks of
+    different examples are paired. Records the batches it is given."""
+
+    def __init__(self, vocab: int = 40) -> None:
+        self.backbone = SimpleNamespace(get_input_embeddings=lambda: nn.Embedding(vocab, 1))
+        self.batches: list[int] = []
+
+    def chunks(self, example: Any) -> list[list[int]]:
+        j = int(example.question)
+        return [[2 * j, 2 * j + 1], [20 + j]][: 1 + j % 2]  # 1 or 2 chunks
+
+    def encoder_alphas(self, batch: list[Any], k: int) -> list[tuple[torch.Tensor, None]]:
+        self.batches.append(len(batch))
+        filler = list(range(30, 40))
+        return [(torch.tensor([(c + filler)[:k] for c in self.chunks(e)]), None) for e in batch]
+
+
+def test_encoder_ecr_pairs_each_examples_alphas_with_its_chunks() -> None:
+    examples = [SimpleNamespace(question=str(j)) for j in range(7)]
+    echo = ChunkEcho()
+    chunks = [c for e in examples for c in echo.chunks(e)]
+    mean_length = sum(map(len, chunks)) / len(chunks)
+    assert encoder_ecr(echo, examples, k=5, batch_size=3) == pytest.approx(mean_length)
+    assert echo.batches == [3, 3, 1]
+    # K = 1 finds only each chunk's first token: one per latent.
+    assert encoder_ecr(echo, examples, k=1, batch_size=2) == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="K <= the vocabulary size \\(40\\)"):
+        encoder_ecr(echo, examples, k=41)
+
+
+def test_cli_analyze_passes_ecr_k_and_refuses_a_k_beyond_the_vocabulary(
+        latent_sft_runs: tuple[Path, Path], capsys) -> None:
+    from latentlab.cli import main
+
+    encoder_run, _ = latent_sft_runs
+    assert main(["analyze", str(encoder_run), "--n", "4", "--ecr-k", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["latent_sft"]["k"] == 1 and summary["latent_sft"]["n"] == 4
+    assert 0.0 <= summary["latent_sft"]["ecr_at_k"] <= 1.0  # one token per latent at most
+    with pytest.raises(ConfigError, match="ECR@K needs 1 <= K"):
+        analyze_run(encoder_run, n=2, ecr_k=10**6)
+
+
+def test_a_removed_encoder_run_is_a_clear_error(latent_sft_runs: tuple[Path, Path],
+                                                tmp_path: Path, capsys) -> None:
+    from latentlab.cli import main
+
+    encoder_run, latent_run = latent_sft_runs
+    gone, latent = tmp_path / "encoder", tmp_path / "latent"
+    shutil.copytree(encoder_run, gone, ignore=shutil.ignore_patterns("analysis"))
+    shutil.copytree(latent_run, latent, ignore=shutil.ignore_patterns("analysis"))
+    config = load_config(latent / "config.yaml")
+    config.method.encoder_from = str(gone)
+    dump_config(config, latent / "config.yaml")
+    analyze_run(latent, n=2)  # works while the encoder run is there
+    shutil.rmtree(latent / "analysis")
+    shutil.rmtree(gone)
+    with pytest.raises(RunError, match=f"encoder run {gone} .*cannot be loaded") as err:
+        analyze_run(latent, n=2)
+    assert str(gone) in err.value.fix and str(latent / "config.yaml") in err.value.fix
+    assert not (latent / "analysis" / "capture.json").exists()  # stopped before the capture
+    assert main(["analyze", str(latent), "--n", "2"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("latentlab: error: ") and "\n" not in message
+    assert str(gone) in message and "Fix: restore the phase-encoder run" in message

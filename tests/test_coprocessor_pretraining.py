@@ -7,6 +7,7 @@ import torch
 
 from latentlab.backbones import add_special_tokens, build_backbone, train_tokenizer
 from latentlab.config import ModelConfig
+from latentlab.errors import ConfigError
 from latentlab.methods.coprocessor import H1, H2, H1Config, H2Config, Liu, LiuConfig
 
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was "
@@ -79,3 +80,13 @@ def test_augmentation_points_are_fixed_per_window_and_leave_room() -> None:
     assert (points + 5 < 40).all()
     again = method.encode_text(batch["text_ids"][0].tolist())["points"]
     assert again == points[0].tolist()
+
+
+def test_window_plus_latents_longer_than_the_position_table_is_refused() -> None:
+    # gpt2-tiny has 512 learned positions: a 510-token window and 3 latents need 513.
+    method, _ = make("liu", "gpt2-tiny", True)
+    limit = method.backbone.config.max_position_embeddings
+    assert limit == 512
+    method.encode_text(list(range(5, 5 + limit - 3)))  # exactly fits
+    with pytest.raises(ConfigError, match=r"needs 513 positions.*lower task\.seq_len to 509"):
+        method.encode_text(list(range(5, 5 + limit - 2)))

@@ -6,7 +6,8 @@
   the slots share one subspace.
 - `top_tokens`: project latents onto the vocabulary and list the most likely tokens.
 - `plot_heatmap`: `H` as an annotated heatmap.
-- `analyze_run`: all of the above for a trained run, written to `RUN_DIR/analysis/`.
+- `analyze_run`: all of the above for a trained run, written to `RUN_DIR/analysis/`; for a
+  Latent-SFT run also its own metrics (`latent_metrics.latent_sft_report`).
 
 Works for any method with `latents(examples, all_layers=False) -> [n, N_L, d]`; docs/analysis.md
 gives the definitions and the choices made where paper A is silent.
@@ -32,7 +33,9 @@ from transformers import PreTrainedTokenizerBase
 from latentlab.config import load_config
 from latentlab.engine.checkpoint import atomic_write_text
 from latentlab.errors import DataError, RunError
+from latentlab.latent_metrics import latent_sft_report
 from latentlab.methods import METHODS
+from latentlab.methods.latent_sft import LatentSFT
 from latentlab.run import CONFIG_FILE, load_run
 from latentlab.tasks import build_task
 from latentlab.tasks.base import Example, Split
@@ -188,18 +191,32 @@ def plot_heatmap(H: Sequence[Sequence[float]], path: Path, title: str) -> Figure
 
 def analyze_run(run_dir: Path, split: Split = "valid", n: int = 500, k: int = 5,
                 readout: Literal["lm_head", "embeddings"] = "lm_head",
-                variance: float = 0.9, max_components: int | None = None) -> dict[str, Any]:
+                variance: float = 0.9, max_components: int | None = None,
+                ecr_k: int = 50) -> dict[str, Any]:
     """Capture matrix and latent tokens of a finished run's best model on the first `n`
     examples of `split`; writes `capture.json`, `capture.png` and `latent_tokens.md` into
-    `run_dir/analysis/` and returns the summary (what `capture.json` holds, plus `files`)."""
+    `run_dir/analysis/` and returns the summary (what `capture.json` holds, plus `files`).
+    A `latent_sft` run also gets `latent_sft.json` (ECR@`ecr_k`, `#L`, Pass@1, N_eff), whose
+    numbers (without the per-example rows) the summary holds under `latent_sft`."""
     _require_latents(run_dir)
     method, config = load_run(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
-    examples = build_task(config.task).load(split)[:n]
+    task = build_task(config.task)
+    examples = task.load(split)[:n]
     if len(examples) < 2:
         raise DataError(f"split {split} of run {run_dir} gives {len(examples)} example(s); "
                         "the capture matrix needs at least 2", fix="analyse a larger split")
-    source = cast(HasLatents, method)  # _require_latents checked the method's class
+    out = run_dir / "analysis"
+    out.mkdir(exist_ok=True)
     size = config.eval.batch_size
+    latent_sft = None
+    if isinstance(method, LatentSFT):  # first: a missing encoder run stops it before the rest
+        latent_sft = {"run_dir": str(run_dir), "task": config.task.name,
+                      "method": config.method.name, "split": split, "n": len(examples)}
+        latent_sft |= latent_sft_report(method, task, examples, run_dir, ecr_k, size,
+                                        config.eval.max_new_tokens)
+        atomic_write_text(out / "latent_sft.json", json.dumps(latent_sft, indent=1))
+
+    source = cast(HasLatents, method)  # _require_latents checked the method's class
     latents = torch.cat([source.latents(examples[s:s + size]).float().cpu()
                          for s in range(0, len(examples), size)])
     # Variable-length latents (Latent-SFT) are zero after each example's #L: keep the leading
@@ -209,8 +226,6 @@ def analyze_run(run_dir: Path, split: Split = "valid", n: int = 500, k: int = 5,
         raise DataError("an example used no latent step", fix="analyse a longer-trained run")
     capture = capture_matrix(latents[:, :width], variance, max_components)
 
-    out = run_dir / "analysis"
-    out.mkdir(exist_ok=True)
     summary: dict[str, Any] = {
         "run_dir": str(run_dir), "task": config.task.name, "method": config.method.name,
         "split": split, "n": len(examples), "latent_budget": latents.shape[1],
@@ -232,7 +247,11 @@ def analyze_run(run_dir: Path, split: Split = "valid", n: int = 500, k: int = 5,
     title = f"{config.method.name} on {config.task.name} ({split})"
     atomic_write_text(out / "latent_tokens.md", _tokens_markdown(title, shown, tokens, readout))
     files = [str(out / name) for name in ("capture.json", "capture.png", "latent_tokens.md")]
-    return {**summary, "readout": readout, "files": files}
+    result = {**summary, "readout": readout, "files": files}
+    if latent_sft is not None:
+        result["latent_sft"] = {key: v for key, v in latent_sft.items() if key != "per_example"}
+        files.append(str(out / "latent_sft.json"))
+    return result
 
 
 def _require_latents(run_dir: Path) -> None:

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_data_generate)
 
     p = sub.add_parser("analyze", help="latent diagnostics of a run: subspace capture "
-                       "heatmap, silhouette, latents decoded to tokens")
+                       "heatmap, silhouette, latents decoded to tokens; latent_sft runs also "
+                       "ECR@K, #L and N_eff")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
     p.add_argument("--n", type=int, default=500, help="examples whose latents are collected")
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variance", type=float, default=0.9,
                    help="variance each slot's principal subspace explains")
     p.add_argument("--max-components", type=int, help="cap on a slot's subspace dimension")
+    p.add_argument("--ecr-k", type=int, default=50,
+                   help="latent_sft runs: K of ECR@K, the top-K tokens of a latent searched "
+                        "for its chunk's tokens (D: 50)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("sweep", help="run a grid of runs (methods x N_L x tasks x seeds) "
@@ -174,7 +178,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from latentlab.analysis import analyze_run
 
     summary = analyze_run(args.run_dir, args.split, args.n, args.top_k, args.readout,
-                          args.variance, args.max_components)
+                          args.variance, args.max_components, args.ecr_k)
     print(json.dumps(summary))
     return 0
 

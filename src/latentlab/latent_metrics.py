@@ -9,6 +9,8 @@
   `latent_length_report` runs a model over examples to get them.
 - `countdown_solutions` enumerates every distinct correct Countdown solution (the paths of
   `effective_parallelism`); `solution_paths` tokenises and segments them.
+- `latent_sft_report`: all of the above for a trained run (`latentlab analyze` writes it to
+  `RUN_DIR/analysis/latent_sft.json`); `load_encoder` finds the encoder whose ECR@K it reports.
 """
 
 from __future__ import annotations
@@ -17,19 +19,23 @@ import math
 from collections.abc import Sequence
 from fractions import Fraction
 from itertools import combinations, pairwise
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from latentlab.errors import ConfigError, DataError, LatentlabError, RunError
 from latentlab.methods.base import extract_answer, steps_text
 from latentlab.methods.latent_sft import LatentSFT
-from latentlab.tasks.base import Example, Task
+from latentlab.tasks.base import Example, Task, resolve_path
 
 # The generator's own move rules and step format, so that enumerated paths read exactly like
 # the training CoT (`a op b=c`, larger operand first).
 from latentlab.tasks.countdown import Move, Number, _moves, _step_text
+
+N_EFF_THRESHOLD = 1.7  # D: "most samples above 1.7" (multi-path reasoning)
 
 
 def ecr_at_k(alphas_topk_indices: Sequence[Tensor | Sequence[Sequence[int]]],
@@ -162,3 +168,124 @@ def latent_length_report(method: LatentSFT, task: Task, examples: Sequence[Examp
     stats = length_stats([r["latent_steps"] for r in rows], [r["cot_tokens"] for r in rows],
                          [r["correct"] for r in rows])
     return stats, rows
+
+
+def load_encoder(method: LatentSFT, run_dir: Path) -> tuple[LatentSFT, Path]:
+    """The Latent Token Encoder of a latent_sft run and the run it comes from: the run's own
+    model in phase encoder, the run `method.encoder_from` names in phase latent (a relative
+    path is read from the current directory, as in training). Raises `RunError` naming the
+    path and the fix when it cannot be loaded."""
+    if method.config.phase == "encoder":
+        source, encoder = run_dir, method
+    else:
+        from latentlab.run import load_run  # run imports the methods: import late
+
+        source = resolve_path(str(method.config.encoder_from))
+        where = f"the encoder run {source} (method.encoder_from of {run_dir})"
+        fix = (f"restore the phase-encoder run at {source}, or set method.encoder_from in "
+               f"{run_dir / 'config.yaml'} to where it is now")
+        try:
+            loaded, _ = load_run(source, method.device)
+        except LatentlabError as err:
+            raise RunError(f"{where} cannot be loaded: {err.problem}", fix=fix) from err
+        if not isinstance(loaded, LatentSFT) or loaded.config.phase != "encoder":
+            raise RunError(f"{where} is not a latent_sft phase-encoder run", fix=fix)
+        encoder = loaded
+    # Without it `load_run` would keep the encoder as built: a copy of the decoder.
+    if not (source / "best" / "method.safetensors").is_file():
+        raise RunError(f"{source / 'best'} has no method.safetensors (the encoder's weights)",
+                       fix=f"train the phase-encoder run {source} again")
+    return encoder, source
+
+
+def _batches(examples: Sequence[Example], size: int) -> list[list[Example]]:
+    return [list(examples[s:s + size]) for s in range(0, len(examples), size)]
+
+
+@torch.no_grad()
+def encoder_ecr(encoder: LatentSFT, examples: Sequence[Example], k: int = 50,
+                batch_size: int = 64) -> float:
+    """ECR@K of a phase-encoder model over `examples`: each latent's K most likely tokens by
+    the encoder's readout logits over the whole vocabulary (not only α's `top_k` support)
+    against the chunk it summarises."""
+    vocab = encoder.backbone.get_input_embeddings().num_embeddings
+    if not 1 <= k <= vocab:
+        raise ConfigError(f"ECR@K needs 1 <= K <= the vocabulary size ({vocab}), got K = {k}",
+                        fix=f"give --ecr-k between 1 and {vocab}")
+    indices = [i for batch in _batches(examples, batch_size)
+               for i, _ in encoder.encoder_alphas(batch, k)]
+    chunks = [encoder.chunks(e) for e in examples]
+    if not any(chunks):
+        raise DataError("no example has CoT steps, so there is no chunk to compress",
+                        fix="analyse a split whose examples have steps")
+    return ecr_at_k(indices, chunks, k)
+
+
+@torch.no_grad()
+def countdown_n_eff(method: LatentSFT, examples: Sequence[Example], batch_size: int = 64,
+                    allow_fractions: bool = False) -> list[dict[str, Any]]:
+    """Per Countdown example: its number of distinct correct solutions, its `#L` and `N_eff`
+    (None unless it has at least 2 solutions and at least 1 latent step). `q_t` are the
+    distributions the model superposes at inference (`latent_distributions`)."""
+    rows: list[dict[str, Any]] = []
+    for batch in _batches(examples, batch_size):
+        # One batch of dense [#L, V] distributions at a time: all of them could fill the GPU.
+        for example, q in zip(batch, method.latent_distributions(batch), strict=True):
+            solutions = countdown_solutions(example.meta["numbers"], example.meta["target"],
+                                            allow_fractions=allow_fractions)
+            steps = int(q.shape[0])
+            n_eff = None
+            if len(solutions) >= 2 and steps >= 1:
+                n_eff = effective_parallelism(q, solution_paths(method.tokenizer, solutions,
+                                                                steps))
+            rows.append({"solutions": len(solutions), "latent_steps": steps, "n_eff": n_eff})
+    return rows
+
+
+def latent_sft_report(method: LatentSFT, task: Task, examples: Sequence[Example], run_dir: Path,
+                      k: int = 50, batch_size: int = 64, max_new_tokens: int = 128
+                      ) -> dict[str, Any]:
+    """Latent-SFT's metrics for the run in `run_dir` (whose model is `method`) on `examples`:
+    ECR@K of its encoder (`load_encoder`); for phase latent also `latent_length_report` and,
+    on Countdown, `N_eff` (`countdown_n_eff`). docs/methods/latent_sft.md lists the keys."""
+    cfg = method.config
+    encoder, source = load_encoder(method, run_dir)
+    ecr = encoder_ecr(encoder, examples, k, batch_size)
+    del encoder  # a phase-latent run's encoder is a second model: free it before generating
+    report: dict[str, Any] = {
+        "phase": cfg.phase, "encoder_run": str(source), "chunk_size": cfg.chunk_size,
+        "k": k, "ecr_at_k": ecr, "length": None, "n_eff_mean": None,
+        "n_eff_share_above": None, "n_eff_threshold": N_EFF_THRESHOLD, "n_eff_examples": None,
+        "multi_solution_examples": None, "n_eff_note": "", "per_example": None}
+    if cfg.phase == "encoder":
+        report["n_eff_note"] = ("N_eff and the length statistics need a phase-latent run: "
+                                "this encoder run's decoder was not trained to produce latents")
+        return report
+
+    stats, rows = latent_length_report(method, task, examples, batch_size, max_new_tokens)
+    report["length"] = stats
+    per_example = [{key: r[key] for key in ("latent_steps", "cot_tokens", "correct")}
+                   for r in rows]
+    if task.config.name != "countdown":
+        report["n_eff_note"] = (f"task {task.config.name} has no solution enumerator yet: N_eff "
+                                "needs each problem's distinct correct solutions")
+    elif cfg.latent_space == "hidden":
+        report["n_eff_note"] = ("hidden-state latents are no distributions over the "
+                                "vocabulary: N_eff is not defined for them")
+    else:
+        allow = bool(getattr(task.config, "allow_fractions", False))
+        paths = countdown_n_eff(method, examples, batch_size, allow)
+        values = [p["n_eff"] for p in paths if p["n_eff"] is not None]
+        report.update(
+            n_eff_examples=len(values),
+            multi_solution_examples=sum(p["solutions"] >= 2 for p in paths),
+            n_eff_mean=sum(values) / len(values) if values else None,
+            n_eff_share_above=(sum(v > N_EFF_THRESHOLD for v in values) / len(values)
+                               if values else None),
+            n_eff_note="N_eff over the examples with at least 2 distinct correct solutions and "
+                       "at least 1 latent step; q_t = the top-k renormalised distribution fed "
+                       "at latent step t")
+        for row, p in zip(per_example, paths, strict=True):
+            row.update(solutions=p["solutions"], n_eff=p["n_eff"])
+    report["per_example"] = per_example
+    return report

@@ -273,6 +273,8 @@ def accuracy_vs_latents(groups: Sequence[Group], split: Split) -> Plot | None:
             continue
         panels[task] = [_line(label, points) for label, points in lines.items()]
         span = [min(min(p) for p in lines.values()), max(max(p) for p in lines.values())]
+        if span[0] == span[1]:  # one budget: a reference still needs a visible width
+            span = [span[0] - 0.5, span[1] + 0.5]
         for g in members:
             stat = g.stat(lambda r: r.score(split, "accuracy"))
             if not g.latent_budget and stat:
@@ -409,7 +411,8 @@ def render(plot: Plot, path: Path) -> Figure:
                         linestyle="--" if line.reference else "-")
         ax.set(title=textwrap.fill(title, TITLE_WIDTH), xlabel=plot.xlabel,
                ylabel=plot.panel_ylabels.get(title, plot.ylabel))
-        ticks = sorted({x for line in lines for x in line.x})
+        ticks = sorted({x for line in lines if not line.reference for x in line.x}
+                       or {x for line in lines for x in line.x})
         if len(ticks) <= MAX_TICKS and all(float(x).is_integer() for x in ticks):
             ax.set_xticks(ticks)  # N_L, operands, positions: only the values that exist
         ax.legend(fontsize=7)

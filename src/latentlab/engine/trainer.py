@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,6 +55,8 @@ class TrainerState:
     # resumed run logs the same averages as an uninterrupted one.
     loss_sum: float = 0.0
     loss_steps: int = 0
+    # Sums of the method's own step metrics (StepOutput.metrics) since the last log row.
+    metric_sums: dict[str, float] = field(default_factory=dict)
 
 
 class StepResult(NamedTuple):
@@ -62,6 +64,7 @@ class StepResult(NamedTuple):
     tokens: int
     grad_norm: float
     finite: bool  # False: the loss or the gradient was NaN/Inf and no update was made
+    metrics: dict[str, float]  # the method's own numbers (e.g. lm_loss, orthogonality)
 
 
 class Interrupted(RunError):
@@ -151,6 +154,8 @@ class Trainer:
                             state.tokens += result.tokens
                             state.loss_sum += result.loss
                             state.loss_steps += 1
+                            for name, value in result.metrics.items():
+                                state.metric_sums[name] = state.metric_sums.get(name, 0.0) + value
                         else:
                             self._log_skip(state, result)
                         bar.update(1)
@@ -203,6 +208,7 @@ class Trainer:
         size = self.config.batch_size
         micro = [shard[i:i + size] for i in range(0, len(shard), size)]
         total_loss = torch.zeros((), device=self.acc.device)
+        metrics: dict[str, Tensor] = {}
         tokens = 0
         for j, chunk in enumerate(micro):
             batch = self.collate(chunk)
@@ -214,6 +220,8 @@ class Trainer:
                 out = model(batch)
                 self.acc.backward(out.loss / len(micro))
             total_loss += out.loss.detach() / len(micro)
+            for name, value in out.metrics.items():
+                metrics[name] = metrics.get(name, 0.0) + value.detach().float() / len(micro)
         max_norm = self.config.max_grad_norm or float("inf")
         grad_norm = self.acc.clip_grad_norm_(model.parameters(), max_norm)
         loss = self.acc.reduce(total_loss, reduction="mean")
@@ -224,8 +232,9 @@ class Trainer:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         token_count = torch.tensor(tokens, device=self.acc.device)
+        means = {k: float(self.acc.reduce(v, reduction="mean")) for k, v in metrics.items()}
         return StepResult(float(loss), int(self.acc.reduce(token_count, reduction="sum")),
-                          float(grad_norm), finite)
+                          float(grad_norm), finite, means)
 
     def _nonfinite_error(self, step: int, result: StepResult) -> NumericalError:
         latest = self.checkpoints.latest()
@@ -328,13 +337,14 @@ class Trainer:
         row = {"step": state.step, "stage": state.stage, "epoch": state.epoch,
                "loss": state.loss_sum / state.loss_steps, "lr": scheduler.get_last_lr()[0],
                "grad_norm": grad_norm, "tokens": state.tokens,
-               "tokens_per_s": window["tokens"] / max(window["time"], 1e-9)}
+               "tokens_per_s": window["tokens"] / max(window["time"], 1e-9),
+               **{k: v / state.loss_steps for k, v in state.metric_sums.items()}}
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if not self._tty:
             self.acc.print(f"step {state.step}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, "
                            f"{row['tokens_per_s']:.0f} tokens/s")
         self.log(row)
-        state.loss_sum, state.loss_steps = 0.0, 0
+        state.loss_sum, state.loss_steps, state.metric_sums = 0.0, 0, {}
         window.update(tokens=0, time=0.0)
 
     def _log_skip(self, state: TrainerState, result: StepResult) -> None:

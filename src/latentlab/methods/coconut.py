@@ -39,6 +39,7 @@ from latentlab.engine.generation import (
     left_pad,
     prefill,
 )
+from latentlab.errors import RunError
 from latentlab.methods.base import (
     IGNORE,
     Batch,
@@ -232,13 +233,17 @@ class Coconut(Method):
         return decode_completions(self.tokenizer, tokens)
 
     @torch.no_grad()
-    @torch.no_grad()
     def latents(self, examples: list[Example]) -> Tensor:
         """The continuous thoughts of each example as inference runs them: [n, thoughts, d]
         (last-layer states fed back as inputs), for the analyses."""
         if self.config.mode not in FEEDBACK_MODES:
             raise ValueError(f"mode {self.config.mode!r} has no continuous thoughts to record")
         _, thoughts = self._think(examples)
+        if not thoughts:
+            raise RunError(f"this Coconut model runs no thoughts (curriculum stage "
+                           f"{self.latent_stage}: its best model came from before the first "
+                           "latent stage)", fix="analyse a run trained into a latent stage, or "
+                           "set method.thoughts_at_eval")
         return torch.stack(thoughts, dim=1)
 
     def record_thoughts(self, examples: list[Example],

@@ -143,6 +143,15 @@ class Coprocessor(Method):
             raise ConfigError(f"task.seq_len={len(ids)} leaves room for fewer than "
                               f"method.augmentation_points={self.config.augmentation_points}",
                               fix="raise task.seq_len or lower augmentation_points/ahead_tokens")
+        # The latents and the ahead tokens after a point take positions up to
+        # len(ids) + N_L - 1; a learned position table (GPT-2) has no rows beyond its size.
+        needed = len(ids) + self.config.latent_budget
+        limit = getattr(self.backbone.config, "max_position_embeddings", None)
+        if limit is not None and needed > limit:
+            raise ConfigError(f"task.seq_len={len(ids)} plus method.latent_budget="
+                              f"{self.config.latent_budget} latents needs {needed} positions, "
+                              f"but the model has {limit}",
+                              fix=f"lower task.seq_len to {limit - self.config.latent_budget}")
         rng = random.Random(zlib.crc32(bytes(str(ids), "ascii")))
         return {"text_ids": ids,
                 "points": sorted(rng.sample(range(room), self.config.augmentation_points))}
