@@ -11,15 +11,7 @@ set -uo pipefail
 R=${1:?usage: gpu_session.sh OUT [overrides]}
 shift
 mkdir -p "$R"
-ll() { python3 -m latentlab "$@"; }
-timed() {  # timed NAME COMMAND...: run, log to R/NAME.log, record seconds and exit status
-  local name=$1 start=$SECONDS rc
-  shift
-  "$@" > "$R/$name.log" 2>&1
-  rc=$?
-  printf '%s\t%s\t%s\n' "$name" "$((SECONDS - start))" "$rc" >> "$R/times.tsv"
-  return $rc
-}
+source "$(dirname "$0")/timed.sh"
 
 if [[ -z "${SKIP_BENCHMARKS:-}" ]]; then
   timed bench_methods python3 benchmarks/methods.py --out "$R/bench_methods.json" ${BENCH_ARGS:-}

@@ -161,6 +161,20 @@ def test_curriculum_follows_the_paper(options: dict[str, Any], stages: int, epoc
     assert not any(s.reset_optimizer for s in make(**options, reset_optimizer=False).stages(1))
 
 
+def test_curriculum_can_start_after_the_cot_stage() -> None:
+    method = make(first_stage=1)  # model.init_from is a CoT run: stage 0 is already trained
+    schedule = method.stages(50)
+    assert [s.name for s in schedule] == [f"latent-{k}" for k in range(1, 7)]
+    assert [s.epochs for s in schedule] == [5] * 5 + [50 - 5 * 5]
+    for index, k in enumerate(range(1, 7)):
+        method.set_stage(index)
+        assert method.encode(LONG)["thoughts"] == k
+    with pytest.raises(ValueError, match="outside"):
+        method.set_stage(6)
+    with pytest.raises(ValueError, match="first_stage 7 is after max_latent_stage 6"):
+        CoconutConfig(first_stage=7)
+
+
 def test_ablation_modes() -> None:
     single = make(mode="no_curriculum", max_latent_stage=3)
     assert [(s.epochs, s.reset_optimizer) for s in single.stages(7)] == [(7, False)]

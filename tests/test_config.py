@@ -62,6 +62,18 @@ def test_extends_merges_a_parent_config_and_rejects_cycles(tmp_path: Path) -> No
     cfg = load_config(tmp_path / "child.yaml")
     assert (cfg.task.operands, cfg.method.name, cfg.method.latent_budget) == (4, "liu", 8)
     assert (cfg.train.lr, cfg.train.epochs) == (0.1, 2)
+    # Switching the method keeps only the options the new one has: No-CoT's question_loss
+    # does not reach pause, while shared options such as latent_budget carry over.
+    (tmp_path / "base.yaml").write_text(
+        "task: {name: countdown}\nmethod: {name: nocot, question_loss: true}\n")
+    (tmp_path / "pause.yaml").write_text("extends: base.yaml\nmethod: {name: pause}\n")
+    assert load_config(tmp_path / "pause.yaml").method.name == "pause"
+    cfg = load_config(tmp_path / "base.yaml", ["method.name=soft", "method.latent_budget=2"])
+    assert (cfg.method.name, cfg.method.latent_budget) == ("soft", 2)
+    cfg = load_config(tmp_path / "child.yaml", ["method.name=pause"])
+    assert cfg.method.latent_budget == 8
+    with pytest.raises(ConfigError, match=r"unknown config key method\.question_loss"):
+        load_config(tmp_path / "pause.yaml", ["method.question_loss=true"])
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="extends itself"):

@@ -7,7 +7,7 @@ import torch
 
 from latentlab.backbones import build_backbone, train_tokenizer
 from latentlab.config import ModelConfig
-from latentlab.engine.generation import greedy_decode, left_pad, prefill
+from latentlab.engine.generation import greedy_decode, left_pad, padded_attention, prefill
 
 TEXTS = ["Numbers: 3 5 7. Target: 22.\n3*5=15\n15+7=22\n### 3*5+7"] * 20 + [
     "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or zorpus?\n"]
@@ -54,3 +54,34 @@ def test_decoding_stops_rows_at_eos_and_pads_after() -> None:
     width = stopped.shape[1]  # decoding ends early once every row has ended
     assert stopped.tolist() == [r[:width] for r in expected]
     assert all(pad == t for r in expected for t in r[width:])
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+def test_left_padded_prefill_has_no_empty_attention_rows_and_matches_unpadded_passes(
+        preset: str) -> None:
+    tokenizer = train_tokenizer(TEXTS, 300)
+    model = build_backbone(ModelConfig(name=preset), tokenizer, seed=1).eval()  # no dropout
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"]
+                  for p in ("Tom is a wumpus.\n", TEXTS[-1], "Numbers: 3 5 7.")]
+    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    allowed = padded_attention(model, mask, ids.shape[1])[:, 0]
+    # Every query may attend to something (a pad to itself only); real queries see exactly
+    # the real keys up to them.
+    assert allowed.any(-1).all()
+    causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+    real = mask.bool()
+    assert torch.equal(allowed[real], (causal & real[:, None, :])[real])
+    assert torch.equal(allowed[~real], torch.eye(ids.shape[1], dtype=torch.bool)
+                       .expand_as(allowed)[~real])
+    assert padded_attention(model, mask, 1) is mask  # nothing padded among the new column
+    # Against independent computations: each prompt alone, no padding, float32.
+    state = prefill(model, mask, input_ids=ids)
+    state.hidden[real].sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for row, prompt in enumerate(prompt_ids):
+        hidden = model.base_model(input_ids=torch.tensor([prompt])).last_hidden_state[0]
+        torch.testing.assert_close(state.hidden[row, real[row]], hidden, atol=1e-5, rtol=1e-5)
+        hidden.sum().backward()
+    for padded, separate in zip(grads, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(padded, separate, atol=1e-3, rtol=1e-3)

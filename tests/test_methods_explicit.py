@@ -37,6 +37,13 @@ def test_cot_labels_cover_steps_and_answer_nocot_only_the_answer() -> None:
         assert all(lab == IGNORE for lab in f["labels"][: len(prompt)])
 
 
+def test_question_loss_labels_every_token() -> None:
+    for method in (make(CoT, CoTConfig(question_loss=True)),
+                   make(NoCoT, NoCoTConfig(question_loss=True))):
+        f = method.encode(EXAMPLES[1])
+        assert f["labels"] == f["input_ids"]
+
+
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
 def test_padded_batch_loss_equals_separate_unpadded_passes(preset: str) -> None:
     cot = make(CoT, CoTConfig(), preset).eval()

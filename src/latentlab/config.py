@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -100,13 +101,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data: dict[str, Any] = copy.deepcopy(base or {})
     if path is not None:
         data = deep_merge(data, read_config_file(Path(path)))
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value",
-                              fix="write e.g. train.lr=3e-4")
-        set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    apply_overrides(data, [parse_override(item) for item in overrides])
     return validate(data)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value read as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key=value",
+                          fix="write e.g. train.lr=3e-4")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], items: Sequence[tuple[str, Any]]) -> None:
+    """Set dotted keys in order, a task or method switch (`method.name=...`) first: the
+    switch drops the old section's options the new one lacks, never an option given here."""
+    names = [(k, v) for k, v in items if k in ("task.name", "method.name")]
+    for key, value in [*names, *(item for item in items if item not in names)]:
+        set_dotted(data, key, copy.deepcopy(value))
 
 
 def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -206,17 +219,39 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"override {key}: {part} is not a section",
                               fix=f"override {part} itself, not a key inside it")
         node = child
+    if len(parts) == 2 and parts[1] == "name":
+        node = _switched(parts[0], node, value)
+        data[parts[0]] = node
     node[parts[-1]] = value
 
 
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict[str, Any]:
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+            section = _switched(key, out[key], value["name"]) if not where and "name" in value \
+                else out[key]
+            out[key] = deep_merge(section, value, f"{where}{key}.")
         else:
             out[key] = value
     return out
+
+
+# Options of each task and method, by name, for `_switched`.
+_TAGGED_FIELDS: dict[str, dict[str, set[str]]] = {
+    section: {cls.model_fields["name"].default: set(cls.model_fields) for cls in classes}
+    for section, classes in (("task", TASK_CONFIGS), ("method", METHOD_CONFIGS))}
+
+
+def _switched(section: str, values: dict[str, Any], name: Any) -> dict[str, Any]:
+    """`values` of a task or method section about to be named `name`: switching to another
+    task or method keeps only the options the new one has, so a variant (`extends:`, or a sweep
+    turning a No-CoT Base's config into pause) does not inherit options it cannot take, such as
+    No-CoT's `question_loss`. Options written after the switch are validated as usual."""
+    fields = _TAGGED_FIELDS.get(section, {}).get(name)
+    if fields is None or values.get("name") in (None, name):
+        return values
+    return {k: v for k, v in values.items() if k in fields}
 
 
 def dump_config(config: RunConfig, path: Path) -> None:

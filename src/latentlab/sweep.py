@@ -33,16 +33,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from latentlab.config import (
     RunConfig,
+    apply_overrides,
     dump_config,
     load_config,
+    parse_override,
     read_config_file,
     read_yaml,
-    set_dotted,
     validate,
 )
 from latentlab.engine.checkpoint import STATE_FILE, CheckpointManager, atomic_write_text
@@ -219,7 +219,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (),
     """
     path = Path(path)
     spec = read_sweep_spec(path, out_dir)
-    planner = _Planner(path, spec, [_parse_override(o) for o in overrides])
+    planner = _Planner(path, spec, [parse_override(o) for o in overrides])
     grid = planner.grid_jobs()
     return SweepPlan(path, spec, Path(spec.out_dir), [*planner.upstreams, *grid])
 
@@ -229,7 +229,7 @@ class _Planner:
         self.path = path
         self.spec = spec
         self.out_dir = Path(spec.out_dir)
-        self.file_overrides = [_parse_override(o) for o in spec.overrides]
+        self.file_overrides = [parse_override(o) for o in spec.overrides]
         self.extra = extra
         self.upstreams: list[Job] = []
         self.by_key: dict[str, Job] = {}  # canonical resolved config -> its job
@@ -263,9 +263,9 @@ class _Planner:
         """The job of one assignment, or None when an earlier job has the same config (two
         assignments that differ only in keys `apply_if` dropped)."""
         data = self._base(self._source(assignment))
-        _apply(data, self.file_overrides)
-        _apply(data, [(k, v) for k, v in assignment.items() if k != BASE_AXIS])
-        _apply(data, self.extra)
+        apply_overrides(data, [*self.file_overrides,
+                               *((k, v) for k, v in assignment.items() if k != BASE_AXIS),
+                               *self.extra])
         needs: list[str] = []
         data = self._resolve(data, assignment, needs, ())
         name = _job_name([(k, assignment[k]) for k in labels]) or "run"
@@ -287,10 +287,9 @@ class _Planner:
         inherited = {k: assignment[k] for k in inherit if k in assignment}
         source = spec.config if spec.config is not None else self._source(assignment)
         data = self._base(source)
-        _apply(data, self.file_overrides)
-        _apply(data, [(k, v) for k, v in inherited.items() if k != BASE_AXIS])
-        _apply(data, [_parse_override(o) for o in spec.overrides])
-        _apply(data, self.extra)
+        apply_overrides(data, [*self.file_overrides,
+                               *((k, v) for k, v in inherited.items() if k != BASE_AXIS),
+                               *(parse_override(o) for o in spec.overrides), *self.extra])
         needs: list[str] = []
         data = self._resolve(data, assignment, needs, (*stack, name))
         job_name = "-".join(["upstream", _label("", name),
@@ -361,20 +360,6 @@ class _Planner:
             return str(job.run_dir)
 
         return REFERENCE.sub(run_dir, value)
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    """`a.b=value` -> ("a.b", YAML value), as `latentlab train` reads overrides."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} is not of the form key=value",
-                          fix="write e.g. train.lr=3e-4")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
-
-
-def _apply(data: dict[str, Any], items: Sequence[tuple[str, Any]]) -> None:
-    for key, value in items:
-        set_dotted(data, key, copy.deepcopy(value))
 
 
 def _canonical(data: dict[str, Any]) -> str:

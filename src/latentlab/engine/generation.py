@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from latentlab.errors import ConfigError
+
 
 @dataclass
 class DecodeState:
@@ -44,6 +46,41 @@ def position_ids(attention_mask: Tensor, n_new: int) -> Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -n_new:]
 
 
+def attention_bias(model: PreTrainedModel, allowed: Tensor) -> Tensor:
+    """A boolean "may attend" mask [B, 1, queries, keys] in the form `model`'s attention
+    implementation takes as a custom 4-D mask."""
+    implementation = model.config._attn_implementation
+    if implementation == "sdpa":
+        return allowed
+    if implementation == "eager":
+        dtype = model.get_input_embeddings().weight.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    raise ConfigError(f"this pass needs a custom attention mask, which latentlab builds for "
+                      f"sdpa and eager attention, not {implementation}",
+                      fix="set model.attn_implementation=sdpa")
+
+
+def padded_attention(model: PreTrainedModel, mask: Tensor, n_new: int) -> Tensor:
+    """The attention mask of the last `n_new` columns of `mask` [B, T] (1: a real token) over
+    all T columns, causal.
+
+    Without padding among the new columns this is `mask` itself. Otherwise a 4-D mask in which
+    each padding query also sees itself: a query row that may attend to nothing (a left pad)
+    gives NaN gradients in fused SDPA backward kernels (bf16 on an H100, H2 and Coconut runs
+    stopped with a finite loss and a NaN gradient norm; docs/results.md). The output of a pad
+    is never read, so no real position changes.
+    """
+    new = mask[:, -n_new:]
+    if bool(new.all()):
+        return mask
+    keys = torch.arange(mask.shape[1], device=mask.device)
+    queries = keys[-n_new:, None]
+    allowed = (keys <= queries) & mask[:, None, :].bool()  # [B, n_new, T]
+    allowed |= (keys == queries) & ~new[:, :, None].bool()
+    return attention_bias(model, allowed[:, None])
+
+
 def extend(model: PreTrainedModel, state: DecodeState | None, new_mask: Tensor,
            input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None) -> DecodeState:
     """Run new positions (ids or embeddings) through `model` on top of `state`'s cache."""
@@ -51,7 +88,8 @@ def extend(model: PreTrainedModel, state: DecodeState | None, new_mask: Tensor,
     cache = DynamicCache(config=model.config) if state is None else state.cache
     inputs: dict[str, Any] = ({"input_ids": input_ids} if inputs_embeds is None
                               else {"inputs_embeds": inputs_embeds})
-    out = model.base_model(**inputs, attention_mask=mask,
+    out = model.base_model(**inputs,
+                           attention_mask=padded_attention(model, mask, new_mask.shape[1]),
                            position_ids=position_ids(mask, new_mask.shape[1]),
                            past_key_values=cache, use_cache=True)
     hidden = out.last_hidden_state

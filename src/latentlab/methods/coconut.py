@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from safetensors.torch import load_file
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -37,6 +37,7 @@ from latentlab.engine.generation import (
     extend,
     greedy_decode,
     left_pad,
+    padded_attention,
     prefill,
 )
 from latentlab.errors import RunError
@@ -82,6 +83,16 @@ class CoconutConfig(MethodConfig):
                                    "pad_latent_to_max, set in both of its reference configs)")
     thoughts_at_eval: int | None = Field(None, ge=0, description="thoughts at inference for "
                                          "the last stage; None: max_latent_stage * c")
+    first_stage: int = Field(0, ge=0, description="stage the curriculum starts at: 1 skips "
+                             "stage 0 (plain CoT) when model.init_from is already a CoT run, "
+                             "as Coconut's GSM8K recipe does")
+
+    @model_validator(mode="after")
+    def _first_stage_in_range(self) -> CoconutConfig:
+        if self.first_stage > self.max_latent_stage:
+            raise ValueError(f"first_stage {self.first_stage} is after max_latent_stage "
+                             f"{self.max_latent_stage}")
+        return self
 
 
 class Coconut(Method):
@@ -95,7 +106,7 @@ class Coconut(Method):
         super().__init__(config, backbone, tokenizer)
         self.bot_id, self.eot_id, self.thought_id = (
             tokenizer.convert_tokens_to_ids(t) for t in (BOT, EOT, THOUGHT))
-        self.set_stage(0)
+        self.set_stage(0)  # the curriculum's first stage (config.first_stage)
 
     @classmethod
     def special_tokens(cls, config: MethodConfig) -> list[str]:
@@ -113,18 +124,20 @@ class Coconut(Method):
         last = cfg.max_latent_stage
         if cfg.mode == "no_curriculum":
             return [Stage(f"latent-{last}", epochs)]
-        rest = max(cfg.epochs_per_stage, epochs - last * cfg.epochs_per_stage)
+        rest = max(cfg.epochs_per_stage,
+                   epochs - (last - cfg.first_stage) * cfg.epochs_per_stage)
         # Only the last stage's model is Coconut: earlier stages may validate higher (stage 0
         # is CoT) but must not become `best/`.
         return [Stage(f"latent-{k}", cfg.epochs_per_stage if k < last else rest,
                       reset_optimizer=cfg.reset_optimizer, select=k == last)
-                for k in range(last + 1)]
+                for k in range(cfg.first_stage, last + 1)]
 
     def set_stage(self, index: int) -> None:
-        last = self.config.max_latent_stage
-        if not 0 <= index <= last:
-            raise ValueError(f"stage {index} is outside 0..{last}")
-        self.latent_stage = last if self.config.mode == "no_curriculum" else index
+        """Enter the `index`-th entry of `stages()`: curriculum stage first_stage + index."""
+        first, last = self.config.first_stage, self.config.max_latent_stage
+        if not 0 <= index <= last - first:
+            raise ValueError(f"stage index {index} is outside 0..{last - first}")
+        self.latent_stage = last if self.config.mode == "no_curriculum" else first + index
 
     def thought_count(self, n_steps: int) -> int:
         """Thoughts of a training example with `n_steps` steps at the current stage."""
@@ -217,7 +230,9 @@ class Coconut(Method):
                 previous = outputs[-1][:, -1:].to(chunk.dtype)
                 first = torch.where(has_thought >= j, previous, chunk[:, :1])
                 chunk = torch.cat([first, chunk[:, 1:]], dim=1)
-            out = self.backbone.base_model(inputs_embeds=chunk, attention_mask=mask[:, :end],
+            out = self.backbone.base_model(inputs_embeds=chunk,
+                                           attention_mask=padded_attention(
+                                               self.backbone, mask[:, :end], end - start),
                                            position_ids=positions[:, start:end],
                                            past_key_values=cache, use_cache=True)
             outputs.append(out.last_hidden_state)

@@ -42,6 +42,7 @@ from transformers import (
 
 from latentlab.engine.generation import (
     DecodeState,
+    attention_bias,
     decode_completions,
     extend,
     greedy_decode,
@@ -333,7 +334,7 @@ class Coprocessor(Method):
             return (points[:, :, None] + 1 + start
                     + torch.arange(width, device=device)).flatten(1)
 
-        mask = self._attention_mask(block_mask(n, [sees_text]))
+        mask = attention_bias(self.backbone, block_mask(n, [sees_text]))
         latents = self.coprocessor.base_model(
             inputs_embeds=soft, attention_mask=mask, position_ids=positions(0, n),
             past_key_values=cache, use_cache=True).last_hidden_state.view(batch, m, n, -1)
@@ -348,22 +349,10 @@ class Coprocessor(Method):
             prefix, start = [sees_text], 0
         hidden = self.backbone.base_model(
             inputs_embeds=inputs.flatten(1, 2),
-            attention_mask=self._attention_mask(block_mask(width, prefix)),
+            attention_mask=attention_bias(self.backbone, block_mask(width, prefix)),
             position_ids=positions(start, width), past_key_values=cache,
             use_cache=True).last_hidden_state
         return hidden.view(batch, m, width, -1)[:, :, -ahead:], latents
-
-    def _attention_mask(self, allowed: Tensor) -> Tensor:
-        """A boolean "may attend" mask in the form the attention implementation takes."""
-        implementation = self.backbone.config._attn_implementation
-        if implementation == "sdpa":
-            return allowed
-        if implementation == "eager":
-            dtype = self.backbone.get_input_embeddings().weight.dtype
-            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-                ~allowed, torch.finfo(dtype).min)
-        raise ConfigError(f"trace packing needs sdpa or eager attention, not {implementation}",
-                          fix="set model.attn_implementation=sdpa or method.trace_packing=false")
 
     # -- inference -------------------------------------------------------------------------
     @torch.no_grad()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from latentlab.methods.base import (
@@ -25,19 +26,25 @@ from latentlab.tasks.base import Example
 
 class CoTConfig(MethodConfig):
     name: Literal["cot"] = "cot"
+    question_loss: bool = Field(
+        False, description="also predict the question's tokens (plain language modelling on "
+        "the whole sequence; choice: the papers train pretrained backbones on steps and answer "
+        "only, but a random-init backbone learns to copy names from the question far faster "
+        "with it)")
 
 
-class NoCoTConfig(MethodConfig):
-    name: Literal["nocot"] = "nocot"
+class NoCoTConfig(CoTConfig):
+    name: Literal["nocot"] = "nocot"  # type: ignore[assignment]
 
 
 class CoT(Method):
     name = "cot"
     config_class = CoTConfig
+    config: CoTConfig
     keep_steps: ClassVar[bool] = True
 
     def encode(self, example: Example) -> Features:
-        return sequence([(self.prompt_ids(example), False),
+        return sequence([(self.prompt_ids(example), self.config.question_loss),
                          (self.target_ids(example, self.keep_steps), True)])
 
     def encode_text(self, ids: list[int]) -> Features:

@@ -44,6 +44,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from latentlab.engine.checkpoint import atomic_write_text, existing_dir
 from latentlab.engine.generation import (
     DecodeState,
+    attention_bias,
     decode_completions,
     extend,
     greedy_decode,
@@ -170,21 +171,6 @@ def supervision_mask(kinds: Tensor, blocks: Tensor, enabled: bool = True) -> Ten
                            torch.where(query == TAIL, context | (key == TAIL), context))
         allowed = allowed & rule
     return allowed | (eye & ~real[:, :, None])
-
-
-def attention_mask_4d(model: PreTrainedModel, allowed: Tensor) -> Tensor:
-    """A [B, T, T] boolean "may attend" mask as the model's attention implementation takes a
-    4-D mask (booleans for SDPA, additive floats for eager)."""
-    implementation = model.config._attn_implementation
-    allowed = allowed[:, None]
-    if implementation == "sdpa":
-        return allowed
-    if implementation == "eager":
-        dtype = model.get_input_embeddings().weight.dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
-    raise ConfigError(f"latent_sft's masks need sdpa or eager attention, not {implementation}",
-                      fix="set model.attn_implementation=sdpa")
 
 
 # --------------------------------------------------------------------- superposition maths
@@ -464,8 +450,8 @@ class LatentSFT(Method):
         """The encoder's last-layer states at its compress tokens, in row-major order [S, d]."""
         encoder = self._encoder()
         positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        hidden = encoder.base_model(input_ids=ids, attention_mask=attention_mask_4d(
-            encoder, allowed), position_ids=positions).last_hidden_state
+        hidden = encoder.base_model(input_ids=ids, attention_mask=attention_bias(
+            encoder, allowed[:, None]), position_ids=positions).last_hidden_state
         return hidden[kinds == MARK]
 
     def encoder_latents(self, ids: Tensor, kinds: Tensor, allowed: Tensor
@@ -491,7 +477,8 @@ class LatentSFT(Method):
         embeds = self.embed(batch["input_ids"])
         embeds = embeds.masked_scatter(batch["latent"][..., None], z.to(embeds.dtype))
         hidden = self.backbone.base_model(
-            inputs_embeds=embeds, attention_mask=attention_mask_4d(self.backbone, batch["mask"]),
+            inputs_embeds=embeds,
+            attention_mask=attention_bias(self.backbone, batch["mask"][:, None]),
             position_ids=batch["positions"]).last_hidden_state
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE
