@@ -8,7 +8,8 @@
 # OUT/times.tsv.
 #   LATENTLAB_SHARED=/path/to/shared bash experiments/prosqa_session.sh OUT [key=value ...]
 # Extra key=value overrides reach every run (a CPU smoke test: model.name=gpt2-tiny ...).
-# BASE_EPOCHS (default 8), METHOD_STEPS (600) and COCONUT_TRAIN (8000 examples) size it.
+# BASE_EPOCHS (default 8), METHOD_STEPS (200) and COCONUT_TRAIN (3000 examples) size it:
+# the defaults are what session 2 of 2026-11-23 ran (docs/results.md).
 set -uo pipefail
 R=${1:?usage: prosqa_session.sh OUT [overrides]}
 shift
@@ -20,17 +21,21 @@ source "$(dirname "$0")/timed.sh"
   timed prosqa-cot ll train configs/prosqa_cot.yaml "train.epochs=$E" \
     "out_dir=$R/prosqa-cot" "$@" &&
   timed prosqa-coconut ll train configs/prosqa_coconut.yaml "model.init_from=$R/prosqa-cot" \
-    "task.n_train=${COCONUT_TRAIN:-8000}" method.first_stage=1 method.epochs_per_stage=1 \
+    "task.n_train=${COCONUT_TRAIN:-3000}" method.first_stage=1 method.epochs_per_stage=1 \
     train.epochs=6 train.grad_accum=1 "out_dir=$R/prosqa-coconut" "$@"
 ) &
 (
   timed prosqa-nocot ll train configs/prosqa_nocot.yaml "train.epochs=$E" \
     "out_dir=$R/prosqa-nocot" "$@" &&
-  for m in pause soft liu h1 h2; do
-    timed "prosqa-$m" ll train "configs/prosqa_$m.yaml" "model.init_from=$R/prosqa-nocot" \
-      "train.max_steps=${METHOD_STEPS:-600}" "out_dir=$R/prosqa-$m" "$@" &
-  done
+  method() {
+    timed "prosqa-$1" ll train "configs/prosqa_$1.yaml" "model.init_from=$R/prosqa-nocot" \
+      "train.max_steps=${METHOD_STEPS:-200}" "out_dir=$R/prosqa-$1" "${@:2}"
+  }
+  # Two waves: pause, soft and H2 take ~21 GB each at batch 64 next to Coconut's ~8 GB, and
+  # six processes at once ran out of the H100's 80 GB.
+  for m in liu h1 pause soft; do method "$m" "$@" & done
   wait
+  method h2 "$@"
 ) &
 wait
 
