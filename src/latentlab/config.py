@@ -117,8 +117,9 @@ def parse_override(item: str) -> tuple[str, Any]:
 def apply_overrides(data: dict[str, Any], items: Sequence[tuple[str, Any]]) -> None:
     """Set dotted keys in order, a task or method switch (`method.name=...`) first: the
     switch drops the old section's options the new one lacks, never an option given here."""
-    names = [(k, v) for k, v in items if k in ("task.name", "method.name")]
-    for key, value in [*names, *(item for item in items if item not in names)]:
+    switches = ("task.name", "method.name")
+    ordered = [i for i in items if i[0] in switches] + [i for i in items if i[0] not in switches]
+    for key, value in ordered:
         set_dotted(data, key, copy.deepcopy(value))
 
 
@@ -225,13 +226,14 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def deep_merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any], top: bool = True
+               ) -> dict[str, Any]:
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            section = _switched(key, out[key], value["name"]) if not where and "name" in value \
+            section = _switched(key, out[key], value["name"]) if top and "name" in value \
                 else out[key]
-            out[key] = deep_merge(section, value, f"{where}{key}.")
+            out[key] = deep_merge(section, value, top=False)
         else:
             out[key] = value
     return out

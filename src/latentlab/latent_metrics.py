@@ -148,6 +148,10 @@ def length_stats(latent_steps: Sequence[int], cot_lengths: Sequence[int],
             "pass@1_per_latent": pass_at_1 / mean_steps if mean_steps else None}
 
 
+def _batches(examples: Sequence[Example], size: int) -> list[list[Example]]:
+    return [list(examples[s:s + size]) for s in range(0, len(examples), size)]
+
+
 @torch.no_grad()
 def latent_length_report(method: LatentSFT, task: Task, examples: Sequence[Example],
                          batch_size: int = 64, max_new_tokens: int = 128
@@ -157,8 +161,7 @@ def latent_length_report(method: LatentSFT, task: Task, examples: Sequence[Examp
     was_training = method.training
     method.eval()
     rows: list[dict[str, Any]] = []
-    for start in range(0, len(examples), batch_size):
-        batch = list(examples[start:start + batch_size])
+    for batch in _batches(examples, batch_size):
         completions, steps = method.generate_with_steps(batch, max_new_tokens)
         for example, completion, n in zip(batch, completions, steps, strict=True):
             answer = extract_answer(completion)
@@ -196,10 +199,6 @@ def load_encoder(method: LatentSFT, run_dir: Path) -> tuple[LatentSFT, Path]:
         raise RunError(f"{source / 'best'} has no method.safetensors (the encoder's weights)",
                        fix=f"train the phase-encoder run {source} again")
     return encoder, source
-
-
-def _batches(examples: Sequence[Example], size: int) -> list[list[Example]]:
-    return [list(examples[s:s + size]) for s in range(0, len(examples), size)]
 
 
 @torch.no_grad()

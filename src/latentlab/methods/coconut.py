@@ -222,6 +222,9 @@ class Coconut(Method):
         has_thought = batch["thoughts"][:, None, None]
         bot = batch["bot"]
         cache = DynamicCache(config=self.backbone.config)
+        # One mask for all passes (pass j reads its rows start:end): a single padding check
+        # and mask build per step, not one per pass.
+        allowed = padded_attention(self.backbone, mask, mask.shape[1])
         outputs: list[Tensor] = []
         for j, (start, end) in enumerate(pairwise([0, *range(bot + 1, bot + n + 1),
                                                    ids.shape[1]])):
@@ -231,8 +234,8 @@ class Coconut(Method):
                 first = torch.where(has_thought >= j, previous, chunk[:, :1])
                 chunk = torch.cat([first, chunk[:, 1:]], dim=1)
             out = self.backbone.base_model(inputs_embeds=chunk,
-                                           attention_mask=padded_attention(
-                                               self.backbone, mask[:, :end], end - start),
+                                           attention_mask=allowed[..., start:end, :end]
+                                           if allowed.dim() == 4 else allowed[:, :end],
                                            position_ids=positions[:, start:end],
                                            past_key_values=cache, use_cache=True)
             outputs.append(out.last_hidden_state)
