@@ -17,6 +17,7 @@ Sequences use a word-level tokenizer over `--vocab` words so that lengths are ex
 head has GPT-2's size. Weights are random: speed does not depend on them.
 
     python benchmarks/coconut_step.py --device cuda --out coconut_step.json
+    python benchmarks/coconut_step.py --device cuda --compile --out coconut_step_compiled.json
     python benchmarks/coconut_step.py --preset gpt2-tiny --device cpu --steps 2   # smoke
 """
 
@@ -34,7 +35,7 @@ import torch
 from common import DTYPES, Clock, gigabytes, word_tokenizer
 from torch import Tensor
 
-from latentlab.backbones import add_special_tokens, build_backbone
+from latentlab.backbones import add_special_tokens, build_backbone, compile_transformers
 from latentlab.config import ModelConfig
 from latentlab.methods.base import lm_loss
 from latentlab.methods.coconut import EOT, Coconut, CoconutConfig
@@ -88,6 +89,19 @@ def reference_generate(method: Coconut, example: Example, n_thoughts: int,
     return out
 
 
+def profile_table(fn: Callable[[], Any], device: torch.device, rows: int = 30) -> str:
+    """Operators of one call of `fn` by self time on the device (CPU time on a CPU)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -110,6 +124,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="timed generation calls (after one untimed call)")
     parser.add_argument("--ref-examples", type=int, default=8,
                         help="examples timed for the batch-1 reference generation")
+    parser.add_argument("--compile", action="store_true",
+                        help="model.compile=true: torch.compile the transformer body (every "
+                        "variant, so the ratios compare like with like)")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the cached and the plain training step (no recomputation, "
+                        "no generation): fewer shapes to compile with --compile")
+    parser.add_argument("--profile", type=Path,
+                        help="directory for a torch.profiler table of each training step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -124,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_special_tokens(tokenizer, backbone, Coconut.special_tokens(config))
     method = Coconut(config, backbone, tokenizer).to(device)
     method.set_stage(args.thoughts)  # the last stage: all steps are thoughts
+    if args.compile:
+        compile_transformers(method)
     rng = random.Random(args.seed)
     examples = make_examples(args, rng, args.batch)
     gen_examples = make_examples(args, rng, args.gen_batch)
@@ -143,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "plain_one_pass": hidden_one_pass,
         "full_recompute": lambda b: recomputed_hidden(method, b),
     }
+    if args.quick:
+        del hidden_fns["full_recompute"]
     method.train()
     train: dict[str, Any] = {}
     for name, hidden_fn in hidden_fns.items():
@@ -154,6 +180,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         seconds = clock.mean_seconds(step, args.steps, args.warmup)
         train[name] = {"ms": 1e3 * seconds, "peak_memory_gb": gigabytes(clock.peak_bytes(step))}
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            (args.profile / f"{name}.txt").write_text(profile_table(step, device))
     method.zero_grad(set_to_none=True)
     for name in train:
         train[name]["vs_plain"] = train[name]["ms"] / train["plain_one_pass"]["ms"]
@@ -162,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with torch.no_grad(), autocast():
         check = {n: float(lm_loss(method.backbone, fn(batch), batch["labels"]))
                  for n, fn in hidden_fns.items() if n != "plain_one_pass"}
+    if args.quick:
+        return finish(args, device, batch, train, check, {})
 
     cot = CoT(CoTConfig(), backbone, tokenizer).eval()
     n_ref = min(args.ref_examples, len(gen_examples))
@@ -190,13 +221,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                     / generation["reference_batch1"]
                                                     ["examples_per_s"])
 
+    return finish(args, device, batch, train, check, generation)
+
+
+def finish(args: argparse.Namespace, device: torch.device, batch: dict[str, Any],
+           train: dict[str, Any], check: dict[str, float], generation: dict[str, Any]
+           ) -> dict[str, Any]:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "sequence_tokens": int(batch["input_ids"].shape[1]),
         "train_step": train,
-        "train_loss_cached_minus_recomputed": check["coconut_cached"] - check["full_recompute"],
+        "train_loss_cached_minus_recomputed": (check["coconut_cached"] - check["full_recompute"]
+                                               if "full_recompute" in check else None),
         "generation": generation,
     }
     text = json.dumps(result, indent=1)

@@ -11,6 +11,7 @@ from latentlab.backbones import (
     add_special_tokens,
     build_backbone,
     build_tokenizer,
+    compile_transformers,
     count_parameters,
     train_tokenizer,
 )
@@ -86,3 +87,17 @@ def test_presets_are_seeded_and_unknown_models_fail_clearly() -> None:
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     with pytest.raises(ModelError, match="cannot load the model"):
         build_backbone(ModelConfig(name="/nonexistent/model-dir"), tok, seed=0)
+
+
+def test_compile_transformers_compiles_every_body_once_and_nothing_else() -> None:
+    """A method holding two models (a Base and a coprocessor): both bodies compiled in place,
+    the LM heads and the container not (they run eager around the compiled body)."""
+    tok = train_tokenizer(CORPUS, 300)
+    base, coprocessor = (build_backbone(ModelConfig(name=n), tok, seed=0)
+                         for n in ("gpt2-tiny", "qwen3-tiny"))
+    method = torch.nn.ModuleDict({"backbone": base, "coprocessor": coprocessor})
+    keys = set(method.state_dict())
+    compile_transformers(method)
+    compiled = {name for name, m in method.named_modules() if m._compiled_call_impl is not None}
+    assert compiled == {"backbone.transformer", "coprocessor.model"}
+    assert set(method.state_dict()) == keys

@@ -201,6 +201,20 @@ def _damaged(path: Path, what: str, exc: Exception) -> ModelError:
                       fix="its files are damaged or incomplete: restore or re-create them")
 
 
+def compile_transformers(module: torch.nn.Module) -> None:
+    """`torch.compile` the transformer body (`base_model`) of every Hugging Face model inside
+    `module` (a method's Base, its coprocessor), in place: state-dict keys stay the same.
+
+    Dynamic shapes from the start, because every method calls the body with many lengths (a
+    prefix, single thought or decode columns over a growing cache, padded and unpadded masks);
+    compiled for one shape first, it would recompile for each until dynamo's recompile limit.
+    """
+    bodies = {id(m.base_model): m.base_model for m in module.modules()
+              if isinstance(m, PreTrainedModel)}  # a CausalLM and its body share one
+    for body in bodies.values():
+        body.compile(dynamic=True)
+
+
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 

@@ -29,6 +29,7 @@ from latentlab.backbones import (
     add_special_tokens,
     build_backbone,
     build_tokenizer,
+    compile_transformers,
     count_parameters,
     load_pretrained_dir,
     load_saved_tokenizer,
@@ -201,6 +202,8 @@ def build_method(config: RunConfig, training_texts: Iterable[str], run_dir: Path
     method = method_cls(config.method, backbone, tokenizer)
     if new_tokenizer is not None and PartialState().is_main_process:  # one writer per run
         replace_dir(saved, new_tokenizer.save_pretrained)
+    if config.model.compile:
+        compile_transformers(method)
     return method
 
 
@@ -244,6 +247,8 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[Method,
     add_special_tokens(tokenizer, backbone, method_cls.special_tokens(config.method))
     method = method_cls(config.method, backbone, tokenizer)
     method.load_extra_state(best)
+    if config.model.compile:
+        compile_transformers(method)
     return method.to(device).eval(), config
 
 
