@@ -70,6 +70,9 @@ class TrainConfig(Section):
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/Inf loss or gradient: 'stop' the run (the last checkpoint "
         "is kept), or 'skip' the step (no update; logged as {step, skipped: nonfinite})")
+    max_skipped_steps: int = Field(25, ge=1, description="consecutive steps without an update "
+                                   "(skipped non-finite steps, fp16 loss-scale overflows) after "
+                                   "which the run stops: the run diverged")
 
 
 class EvalConfig(Section):

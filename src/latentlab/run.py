@@ -48,10 +48,11 @@ CONFIG_FILE = "config.yaml"
 # What a run writes besides config.yaml and deletes or replaces when it runs again: a directory
 # holding any of them but no config.yaml is not a run, and is refused rather than overwritten.
 RUN_ENTRIES = ("checkpoints", "best", "metrics.jsonl", "results.json", "environment.json")
-# `train` keys a `--resume` may change: where this invocation ends, and how a NaN is handled
-# from now on (a run stopped by one continues with `train.on_nonfinite=skip`). `out_dir` may
-# change too: a run directory can be moved.
-RESUMABLE_CHANGES = ("stop_after", "on_nonfinite")
+# Keys a `--resume` may change: where this invocation ends, how NaNs are handled from now on
+# (a run stopped by one continues with `train.on_nonfinite=skip`), whether the model runs
+# compiled. `out_dir` may change too: a run directory can be moved.
+RESUMABLE_CHANGES = ("train.stop_after", "train.on_nonfinite", "train.max_skipped_steps",
+                     "model.compile")
 TOKENIZER_DOCUMENTS = 200  # documents a text run trains its tokenizer on
 
 
@@ -356,7 +357,8 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
     for dump in (before, now):
         dump.pop("out_dir")
         for key in RESUMABLE_CHANGES:
-            dump["train"].pop(key)
+            section, name = key.split(".")
+            dump[section].pop(name)
     if before != now:
         changed = _diff_keys(before, now)
         raise ConfigError(f"--resume with a config that differs from the run's in "

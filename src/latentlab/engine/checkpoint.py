@@ -4,6 +4,7 @@ Layout under `RUN_DIR/`:
     checkpoints/step-0000120/   one complete checkpoint
         model.safetensors       every parameter and buffer of the trained module
         optimizer.pt, scheduler.pt, rng-<rank>.pt
+        scaler.pt               fp16 only: the loss scaler's scale and growth tracker
         state.json              written last: a directory without it is incomplete
     checkpoints/latest          the name of the newest complete checkpoint (replaced atomically)
     best/                       the best model so far (`save_pretrained`), swapped in atomically
@@ -144,11 +145,13 @@ class CheckpointManager:
         torch.save(rng_state(), tmp / f"rng-{self.rank}.pt")
 
     def write_main_state(self, tmp: Path, model: torch.nn.Module, optimizer: Any,
-                         scheduler: Any, state: dict[str, Any]) -> None:
+                         scheduler: Any, state: dict[str, Any], scaler: Any = None) -> None:
         save_model(model, str(tmp / "model.safetensors"))
         fault_point("model_written", state["step"])
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
         _fsync_tree(tmp)
         atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
 
@@ -180,7 +183,7 @@ class CheckpointManager:
         return complete[-1] if complete else None
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: Any,
-             scheduler: Any) -> dict[str, Any]:
+             scheduler: Any, scaler: Any = None) -> dict[str, Any]:
         rng_file = path / f"rng-{self.rank}.pt"
         if not rng_file.is_file():
             raise RunError(f"checkpoint {path} was written by {self._ranks(path)} processes, "
@@ -190,6 +193,8 @@ class CheckpointManager:
             load_model(model, str(path / "model.safetensors"))
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
             scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+            if scaler is not None and (path / "scaler.pt").is_file():
+                scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
             set_rng_state(torch.load(rng_file, weights_only=False))
             return json.loads((path / STATE_FILE).read_text())
         except _UNREADABLE as exc:

@@ -51,6 +51,7 @@ class TrainerState:
     best_step: int | None = None
     metrics_bytes: int = 0  # size of metrics.jsonl when the checkpoint was taken
     done: bool = False
+    skipped_in_row: int = 0  # consecutive steps without an update (train.max_skipped_steps)
     # Training loss summed over the steps since the last logged row: checkpointed so that a
     # resumed run logs the same averages as an uninterrupted one.
     loss_sum: float = 0.0
@@ -64,6 +65,7 @@ class StepResult(NamedTuple):
     tokens: int
     grad_norm: float
     finite: bool  # False: the loss or the gradient was NaN/Inf and no update was made
+    overflow: bool  # fp16: the loss scaler found Inf/NaN gradients, skipped, lowered its scale
     metrics: dict[str, float]  # the method's own numbers (e.g. lm_loss, orthogonality)
 
 
@@ -145,10 +147,12 @@ class Trainer:
                         result = self._step(model, optimizer, scheduler,
                                             [data[i] for i in batches[b]])
                         window["time"] += time.perf_counter() - t0
-                        if not result.finite and cfg.on_nonfinite == "stop":
+                        if (not result.finite and not result.overflow
+                                and cfg.on_nonfinite == "stop"):
                             raise self._nonfinite_error(state.step + 1, result)
                         state.step += 1
                         state.stage, state.epoch, state.batch = stage_index, epoch, b + 1
+                        state.skipped_in_row = 0 if result.finite else state.skipped_in_row + 1
                         if result.finite:
                             window["tokens"] += result.tokens
                             state.tokens += result.tokens
@@ -158,6 +162,8 @@ class Trainer:
                                 state.metric_sums[name] = state.metric_sums.get(name, 0.0) + value
                         else:
                             self._log_skip(state, result)
+                            if state.skipped_in_row >= cfg.max_skipped_steps:
+                                raise self._stalled_error(state.step)
                         bar.update(1)
                         end_of_epoch = b + 1 == len(batches)
                         # The data can end before `total` steps: examples longer than
@@ -227,24 +233,42 @@ class Trainer:
         loss = self.acc.reduce(total_loss, reduction="mean")
         # Loss and norm are reduced over processes, so every process takes the same branch.
         finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
-        if finite:
+        # fp16's loss scaler turns Inf/NaN gradients under a finite loss into a skipped update
+        # and a lower scale (its step does both): an overflow, routine while the scale adapts.
+        overflow = (not finite and self.acc.scaler is not None
+                    and bool(torch.isfinite(loss)))
+        if finite or overflow:
             optimizer.step()
-            scheduler.step()
+            if self.acc.optimizer_step_was_skipped:
+                finite, overflow = False, True
+            else:
+                scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         token_count = torch.tensor(tokens, device=self.acc.device)
         means = {k: float(self.acc.reduce(v, reduction="mean")) for k, v in metrics.items()}
         return StepResult(float(loss), int(self.acc.reduce(token_count, reduction="sum")),
-                          float(grad_norm), finite, means)
+                          float(grad_norm), finite, overflow, means)
+
+    def _last_checkpoint(self) -> str:
+        latest = self.checkpoints.latest()
+        return (f"{latest.relative_to(self.run_dir)} is the last checkpoint" if latest
+                else "there is no checkpoint yet")
 
     def _nonfinite_error(self, step: int, result: StepResult) -> NumericalError:
-        latest = self.checkpoints.latest()
-        kept = (f"{latest.relative_to(self.run_dir)} is the last checkpoint" if latest
-                else "there is no checkpoint yet")
         return NumericalError(
             f"step {step}: the loss or the gradient is not finite (loss {result.loss}, gradient "
-            f"norm {result.grad_norm}); training stopped and wrote nothing more: {kept}",
+            f"norm {result.grad_norm}); training stopped and wrote nothing more: "
+            f"{self._last_checkpoint()}",
             fix="resume with train.on_nonfinite=skip added to skip such steps, or start a new "
                 "run with a lower train.lr or train.max_grad_norm")
+
+    def _stalled_error(self, step: int) -> NumericalError:
+        return NumericalError(
+            f"step {step}: {self.config.max_skipped_steps} steps in a row made no update "
+            f"(non-finite loss or gradients, or fp16 overflows); training stopped: "
+            f"{self._last_checkpoint()}",
+            fix="start again with a lower train.lr or train.max_grad_norm, or with "
+                "train.mixed_precision=bf16 where the GPU has it (no loss scaling)")
 
     def _epoch_batches(self, n: int, stage: int, epoch: int, size: int) -> list[list[int]]:
         """A seeded permutation per (seed, stage, epoch): identical after a resume."""
@@ -307,7 +331,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             self.checkpoints.write_main_state(tmp, self._unwrap(), optimizer, scheduler,
-                                              asdict(state))
+                                              asdict(state), self.acc.scaler)
             self.checkpoints.commit(tmp)
         self.acc.wait_for_everyone()
 
@@ -316,7 +340,8 @@ class Trainer:
         path = self.checkpoints.latest()
         state = TrainerState()
         if path is not None:
-            saved = self.checkpoints.load(path, self._unwrap(), optimizer, scheduler)
+            saved = self.checkpoints.load(path, self._unwrap(), optimizer, scheduler,
+                                          self.acc.scaler)
             try:
                 state = TrainerState(**saved)
             except TypeError:
@@ -348,6 +373,13 @@ class Trainer:
         window.update(tokens=0, time=0.0)
 
     def _log_skip(self, state: TrainerState, result: StepResult) -> None:
+        if result.overflow:
+            scale = float(self.acc.scaler.get_scale())
+            self.log({"step": state.step, "stage": state.stage, "skipped": "overflow",
+                      "loss_scale": scale})
+            self.acc.print(f"step {state.step}: skipped, fp16 gradient overflow (loss "
+                           f"{result.loss}); loss scale lowered to {scale:g}")
+            return
         self.log({"step": state.step, "stage": state.stage, "skipped": "nonfinite"})
         self.acc.print(f"step {state.step}: skipped, not finite (loss {result.loss}, gradient "
                        f"norm {result.grad_norm}); train.on_nonfinite=skip")
