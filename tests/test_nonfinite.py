@@ -5,6 +5,7 @@ exactly as a run that skipped from the start."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -145,6 +146,9 @@ def test_fp16_overflow_skips_the_update_lowers_the_scale_and_resumes_exactly(
     poison(monkeypatch)  # steps 6-12: no overflow
     assert main(["train", config, f"out_dir={split}", "--resume"]) == 0
     assert metric_rows(split) == rows
+    env = json.loads((split / "environment.json").read_text())  # one entry per invocation
+    assert [e["started"] <= env["started"] for e in env["earlier"]] == [True]
+    assert "earlier" not in env["earlier"][0]
     for file in ("model.safetensors", "optimizer.pt", "scaler.pt"):
         assert ((whole / "checkpoints" / name / file).read_bytes()
                 == (split / "checkpoints" / name / file).read_bytes()), file

@@ -15,6 +15,7 @@ import platform
 import subprocess
 import sys
 from collections.abc import Iterable
+from datetime import datetime, timezone
 from importlib import metadata
 from itertools import islice
 from pathlib import Path
@@ -378,7 +379,8 @@ def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[s
 
 
 def write_environment(path: Path) -> None:
-    """Versions, git commit and hardware of this run, for reproducibility."""
+    """Versions, git commit and hardware of this invocation, for reproducibility; those of the
+    run's earlier invocations (a resume may run elsewhere) move to its `earlier` list."""
     versions = {}
     for pkg in ("latentlab", "torch", "transformers", "accelerate", "tokenizers", "safetensors"):
         try:
@@ -391,8 +393,16 @@ def write_environment(path: Path) -> None:
     except (OSError, subprocess.SubprocessError):
         commit = None
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    env = {"python": sys.version.split()[0], "platform": platform.platform(),
+    earlier: list[dict[str, Any]] = []
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+            earlier = [*previous.pop("earlier", []), previous]
+        except (OSError, ValueError, AttributeError):  # unreadable: this invocation's only
+            earlier = []
+    env = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "python": sys.version.split()[0], "platform": platform.platform(),
            "packages": versions, "git_commit": commit, "gpus": gpus,
-           "cpu_count": os.cpu_count(), "argv": sys.argv}
+           "cpu_count": os.cpu_count(), "argv": sys.argv, "earlier": earlier}
     atomic_write_text(path, json.dumps(env, indent=1))
 
