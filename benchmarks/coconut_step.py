@@ -191,42 +191,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with torch.no_grad(), autocast():
         check = {n: float(lm_loss(method.backbone, fn(batch), batch["labels"]))
                  for n, fn in hidden_fns.items() if n != "plain_one_pass"}
-    if args.quick:
-        return finish(args, device, batch, train, check, {})
+    generation: dict[str, Any] = {}
+    if not args.quick:  # --quick: training only
+        cot = CoT(CoTConfig(), backbone, tokenizer).eval()
+        n_ref = min(args.ref_examples, len(gen_examples))
 
-    cot = CoT(CoTConfig(), backbone, tokenizer).eval()
-    n_ref = min(args.ref_examples, len(gen_examples))
+        def coconut_generate() -> None:
+            with autocast():
+                method.generate(gen_examples, args.new_tokens)
 
-    def coconut_generate() -> None:
-        with autocast():
-            method.generate(gen_examples, args.new_tokens)
+        def cot_generate() -> None:
+            with autocast():
+                cot.generate(gen_examples, args.cot_tokens + args.new_tokens)
 
-    def cot_generate() -> None:
-        with autocast():
-            cot.generate(gen_examples, args.cot_tokens + args.new_tokens)
+        def reference() -> None:
+            with autocast():
+                for e in gen_examples[:n_ref]:
+                    reference_generate(method, e, args.thoughts, args.new_tokens)
 
-    def reference() -> None:
-        with autocast():
-            for e in gen_examples[:n_ref]:
-                reference_generate(method, e, args.thoughts, args.new_tokens)
+        for name, fn, n in (("coconut_batched", coconut_generate, len(gen_examples)),
+                            ("reference_batch1", reference, n_ref),
+                            ("cot_batched", cot_generate, len(gen_examples))):
+            seconds = clock.mean_seconds(fn, args.gen_steps, warmup=1)
+            generation[name] = {"examples": n, "seconds": seconds, "examples_per_s": n / seconds}
+        for name in generation:
+            generation[name]["speedup_vs_reference"] = (generation[name]["examples_per_s"]
+                                                        / generation["reference_batch1"]
+                                                        ["examples_per_s"])
 
-    generation = {}
-    for name, fn, n in (("coconut_batched", coconut_generate, len(gen_examples)),
-                        ("reference_batch1", reference, n_ref),
-                        ("cot_batched", cot_generate, len(gen_examples))):
-        seconds = clock.mean_seconds(fn, args.gen_steps, warmup=1)
-        generation[name] = {"examples": n, "seconds": seconds, "examples_per_s": n / seconds}
-    for name in generation:
-        generation[name]["speedup_vs_reference"] = (generation[name]["examples_per_s"]
-                                                    / generation["reference_batch1"]
-                                                    ["examples_per_s"])
-
-    return finish(args, device, batch, train, check, generation)
-
-
-def finish(args: argparse.Namespace, device: torch.device, batch: dict[str, Any],
-           train: dict[str, Any], check: dict[str, float], generation: dict[str, Any]
-           ) -> dict[str, Any]:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,

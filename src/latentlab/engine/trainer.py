@@ -233,15 +233,14 @@ class Trainer:
         loss = self.acc.reduce(total_loss, reduction="mean")
         # Loss and norm are reduced over processes, so every process takes the same branch.
         finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
-        # fp16's loss scaler turns Inf/NaN gradients under a finite loss into a skipped update
-        # and a lower scale (its step does both): an overflow, routine while the scale adapts.
-        overflow = (not finite and self.acc.scaler is not None
-                    and bool(torch.isfinite(loss)))
-        if finite or overflow:
+        overflow = False
+        # Under fp16 the loss scaler decides on the gradients: its step skips the update and
+        # lowers the scale when they hold Inf/NaN (an overflow, routine while the scale adapts).
+        if finite or (self.acc.scaler is not None and bool(torch.isfinite(loss))):
             optimizer.step()
-            if self.acc.optimizer_step_was_skipped:
-                finite, overflow = False, True
-            else:
+            overflow = self.acc.optimizer_step_was_skipped
+            finite = finite and not overflow
+            if not overflow:
                 scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         token_count = torch.tensor(tokens, device=self.acc.device)
