@@ -162,20 +162,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return method.backbone.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)
                                           ).last_hidden_state
 
-    hidden_fns: dict[str, Callable[[dict[str, Any]], Tensor]] = {
-        "coconut_cached": method.hidden_states,
-        "plain_one_pass": hidden_one_pass,
-        "full_recompute": lambda b: recomputed_hidden(method, b),
+    # Each variant's loss as training computes it: Coconut through the method's step, the
+    # others from their hidden states.
+    loss_fns: dict[str, Callable[[dict[str, Any]], Tensor]] = {
+        "coconut_cached": lambda b: method(b).loss,
+        "plain_one_pass": lambda b: lm_loss(method.backbone, hidden_one_pass(b), b["labels"]),
+        "full_recompute": lambda b: lm_loss(method.backbone, recomputed_hidden(method, b),
+                                            b["labels"]),
     }
     if args.quick:
-        del hidden_fns["full_recompute"]
+        del loss_fns["full_recompute"]
     method.train()
     train: dict[str, Any] = {}
-    for name, hidden_fn in hidden_fns.items():
-        def step(hidden_fn: Callable[[dict[str, Any]], Tensor] = hidden_fn) -> None:
+    for name, loss_fn in loss_fns.items():
+        def step(loss_fn: Callable[[dict[str, Any]], Tensor] = loss_fn) -> None:
             method.zero_grad(set_to_none=True)
             with autocast():
-                loss = lm_loss(method.backbone, hidden_fn(batch), batch["labels"])
+                loss = loss_fn(batch)
             loss.backward()
 
         seconds = clock.mean_seconds(step, args.steps, args.warmup)
@@ -189,8 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Dropout differs between the timed calls, so compare without it.
     method.eval()
     with torch.no_grad(), autocast():
-        check = {n: float(lm_loss(method.backbone, fn(batch), batch["labels"]))
-                 for n, fn in hidden_fns.items() if n != "plain_one_pass"}
+        check = {n: float(fn(batch)) for n, fn in loss_fns.items() if n != "plain_one_pass"}
     generation: dict[str, Any] = {}
     if not args.quick:  # --quick: training only
         cot = CoT(CoTConfig(), backbone, tokenizer).eval()

@@ -8,6 +8,7 @@ from transformers import AutoConfig
 
 from latentlab.backbones import (
     PRESETS,
+    RECOMPILE_LIMIT,
     add_special_tokens,
     build_backbone,
     build_tokenizer,
@@ -100,4 +101,6 @@ def test_compile_transformers_compiles_every_body_once_and_nothing_else() -> Non
     compile_transformers(method)
     compiled = {name for name, m in method.named_modules() if m._compiled_call_impl is not None}
     assert compiled == {"backbone.transformer", "coprocessor.model"}
+    # Every call form of a body gets its graph instead of an eager fallback past 8.
+    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
     assert set(method.state_dict()) == keys

@@ -92,13 +92,24 @@ def gradients(method: Coconut, loss: Tensor) -> dict[str, Tensor]:
     return {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None}
 
 
+# One question, so every row's <bot> is in the same column: no left padding, only right
+# padding after rows with fewer steps (a different mask path in `hidden_states`).
+SAME_QUESTION = [Example(EXAMPLES[0].question, EXAMPLES[0].steps[:k], "4*2+9-8")
+                 for k in (3, 1, 2, 0)]
+
+
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
-def test_cached_multipass_forward_equals_full_recomputation(preset: str) -> None:
+@pytest.mark.parametrize(("examples", "counts", "left_padded"),
+                         [(EXAMPLES, [4, 4, 2, 0], True), (SAME_QUESTION, [4, 2, 4, 0], False)])
+def test_cached_multipass_forward_equals_full_recomputation(
+        preset: str, examples: list[Example], counts: list[int], left_padded: bool) -> None:
     method = make(preset, thoughts_per_step=2, max_latent_stage=3).eval()  # eval: no dropout
     method.set_stage(2)
-    features = [method.encode(e) for e in EXAMPLES]
-    assert [f["thoughts"] for f in features] == [4, 4, 2, 0]
+    features = [method.encode(e) for e in examples]
+    assert [f["thoughts"] for f in features] == counts
     batch = method.collate(features)
+    assert batch["left_padded"] is left_padded
+    assert not batch["attention_mask"].all()  # padded either way
 
     hidden = method.hidden_states(batch)
     loss = method(batch).loss

@@ -201,6 +201,9 @@ def _damaged(path: Path, what: str, exc: Exception) -> ModelError:
                       fix="its files are damaged or incomplete: restore or re-create them")
 
 
+RECOMPILE_LIMIT = 64  # graphs per compiled body (see compile_transformers)
+
+
 def compile_transformers(module: torch.nn.Module) -> None:
     """`torch.compile` the transformer body (`base_model`) of every Hugging Face model inside
     `module` (a method's Base, its coprocessor), in place: state-dict keys stay the same.
@@ -211,6 +214,12 @@ def compile_transformers(module: torch.nn.Module) -> None:
     """
     bodies = {id(m.base_model): m.base_model for m in module.modules()
               if isinstance(m, PreTrainedModel)}  # a CausalLM and its body share one
+    # One body serves a fixed but larger set of call forms than dynamo's default limit of 8
+    # graphs: prefix, single-column and multi-column passes, over a cache or not, ids or
+    # embeddings, a 2-D or 4-D mask, with and without grad (training, validation, decoding).
+    # Past the limit dynamo falls back to eager for every new form, silently slow.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               RECOMPILE_LIMIT)
     for body in bodies.values():
         body.compile(dynamic=True)
 

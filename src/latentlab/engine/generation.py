@@ -71,9 +71,16 @@ def padded_attention(model: PreTrainedModel, mask: Tensor, n_new: int) -> Tensor
     stopped with a finite loss and a NaN gradient norm; docs/results.md). The output of a pad
     is never read, so no real position changes.
     """
-    new = mask[:, -n_new:]
-    if bool(new.all()):
+    if bool(mask[:, -n_new:].all()):
         return mask
+    return pad_safe_attention(model, mask, n_new)
+
+
+def pad_safe_attention(model: PreTrainedModel, mask: Tensor, n_new: int) -> Tensor:
+    """`padded_attention`'s 4-D mask, built without looking at the data: for callers that know
+    there is padding among the new columns (no device sync, nothing for torch.compile to break
+    its graph on)."""
+    new = mask[:, -n_new:]
     keys = torch.arange(mask.shape[1], device=mask.device)
     queries = keys[-n_new:, None]
     allowed = (keys <= queries) & mask[:, None, :].bool()  # [B, n_new, T]

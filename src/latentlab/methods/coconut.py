@@ -21,7 +21,6 @@ argument for exactness; tests/test_coconut.py checks it against full recomputati
 
 from __future__ import annotations
 
-from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +36,7 @@ from latentlab.engine.generation import (
     extend,
     greedy_decode,
     left_pad,
-    padded_attention,
+    pad_safe_attention,
     prefill,
 )
 from latentlab.errors import RunError
@@ -193,7 +192,8 @@ class Coconut(Method):
             mask[row, s:end] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask,
                 "thoughts": torch.tensor([f["thoughts"] for f in features]),
-                "bot": bot, "max_thoughts": most, "num_tokens": int(mask.sum())}
+                "bot": bot, "max_thoughts": most, "left_padded": any(shifts),
+                "num_tokens": int(mask.sum())}
 
     # -- training --------------------------------------------------------------------------
     def forward(self, batch: Batch) -> StepOutput:
@@ -220,14 +220,20 @@ class Coconut(Method):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding starts each row at 0
         embeds = self.backbone.get_input_embeddings()(ids)
         has_thought = batch["thoughts"][:, None, None]
-        bot = batch["bot"]
+        bot, width = batch["bot"], ids.shape[1]
         cache = DynamicCache(config=self.backbone.config)
-        # One mask for all passes (pass j reads its rows start:end): a single padding check
-        # and mask build per step, not one per pass.
-        allowed = padded_attention(self.backbone, mask, mask.shape[1])
+        # One mask for all passes (pass j reads its rows start:end). Only left pads can be
+        # queries that see nothing (see padded_attention); right padding alone is exact under
+        # the causal mask, so it gets all ones, as above. The collate knows which, so no
+        # device sync decides it (reading the mask cost a sync per step).
+        allowed = (pad_safe_attention(self.backbone, mask, width) if batch["left_padded"]
+                   else torch.ones_like(mask))
         outputs: list[Tensor] = []
-        for j, (start, end) in enumerate(pairwise([0, *range(bot + 1, bot + n + 1),
-                                                   ids.shape[1]])):
+        for j in range(n + 1):
+            # Bounds by arithmetic on `bot` (not a list of them): a traced step keeps `bot`
+            # symbolic, so torch.compile does not recompile for each question length.
+            start = 0 if j == 0 else bot + j
+            end = width if j == n else bot + j + 1
             chunk = embeds[:, start:end]
             if j > 0:
                 previous = outputs[-1][:, -1:].to(chunk.dtype)
