@@ -26,10 +26,11 @@ from latentlab.backbones import (
     train_tokenizer,
 )
 from latentlab.config import ModelConfig, load_config
+from latentlab.errors import ConfigError
 from latentlab.methods import METHODS
 from latentlab.methods.base import IGNORE, answer_text, steps_text
 from latentlab.methods.coconut import BOT, EOT, THOUGHT, Coconut, CoconutConfig
-from latentlab.run import evaluate, load_run, train
+from latentlab.run import build_method, evaluate, load_run, train
 from latentlab.tasks import build_task
 from latentlab.tasks.base import Example
 
@@ -276,9 +277,38 @@ def test_configs_reproduce_the_reference_runs() -> None:
     assert (gsm8k.method.thoughts_per_step, gsm8k.method.max_latent_stage,
             gsm8k.method.epochs_per_stage) == (2, 3, 3)
     assert gsm8k.model.init_from is not None
+    assert gsm8k.method.new_token_init == "<<"  # one token of GPT-2's BPE, as the reference
     for config in (prosqa, gsm8k, countdown):
         assert config.method.name == "coconut" and METHODS["coconut"] is Coconut
         assert config.train.batch_size * config.train.grad_accum >= 32
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])  # tied and untied head
+def test_new_tokens_start_from_the_configured_token(tmp_path: Path, preset: str) -> None:
+    """method.new_token_init (the reference's `<<`): when a run builds its model, <bot>, <eot>
+    and <thought> get that token's input and output rows; a run's saved tokenizer already has
+    them, so nothing is copied again; a source that is not one token is a config error."""
+    config = tiny(tmp_path, "method.name=coconut", f"model.name={preset}",
+                  "method.new_token_init=+")
+    task = build_task(config.task)
+    texts = [e.question for e in task.load("train")]
+    method = build_method(config, texts, tmp_path)
+    tok, model = method.tokenizer, method.backbone
+    source = tok.encode("+", add_special_tokens=False)
+    new = tok.convert_tokens_to_ids([BOT, EOT, THOUGHT])
+    assert len(source) == 1
+    for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        assert torch.equal(weight[new], weight[source * 3])
+    assert add_special_tokens(tok, model, Coconut.special_tokens(method.config)) == []
+
+    random_rows = build_method(tiny(tmp_path / "random", "method.name=coconut",
+                                    f"model.name={preset}"), texts, tmp_path / "random")
+    weight = random_rows.backbone.get_input_embeddings().weight
+    assert not torch.equal(weight[new[0]], weight[source[0]])
+
+    with pytest.raises(ConfigError, match=r"new_token_init='Target: 10' is \d+ tokens"):
+        method.config.new_token_init = "Target: 10"
+        method.init_new_tokens([BOT])
 
 
 def test_engine_runs_the_curriculum_and_the_best_model_keeps_its_stage(tmp_path: Path) -> None:

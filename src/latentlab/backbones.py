@@ -154,8 +154,9 @@ def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
 
 
 def add_special_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel,
-                       tokens: Iterable[str]) -> None:
-    """Register method tokens (e.g. `<pause>`, `<bot>`) and grow the embeddings to fit.
+                       tokens: Iterable[str]) -> list[str]:
+    """Register method tokens (e.g. `<pause>`, `<bot>`) and grow the embeddings to fit; returns
+    the tokens that were new (a saved run's tokenizer already has them).
 
     The one place the vocabulary changes. A tokenizer larger than the model's embedding table
     before any token is added belongs to another model, which is an error, not a resize.
@@ -171,6 +172,7 @@ def add_special_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedMode
                                      replace_extra_special_tokens=False)
     if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return new
 
 
 def load_pretrained_dir(path: Path, attn_implementation: str = "sdpa"

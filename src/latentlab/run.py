@@ -200,8 +200,9 @@ def build_method(config: RunConfig, training_texts: Iterable[str], run_dir: Path
             # the same backbone), once the model has loaded.
             new_tokenizer = copy.deepcopy(tokenizer)
         backbone = build_backbone(config.model, tokenizer, config.train.seed)
-    add_special_tokens(tokenizer, backbone, method_cls.special_tokens(config.method))
+    new_tokens = add_special_tokens(tokenizer, backbone, method_cls.special_tokens(config.method))
     method = method_cls(config.method, backbone, tokenizer)
+    method.init_new_tokens(new_tokens)
     if new_tokenizer is not None and PartialState().is_main_process:  # one writer per run
         replace_dir(saved, new_tokenizer.save_pretrained)
     if config.model.compile:

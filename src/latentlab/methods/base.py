@@ -72,6 +72,10 @@ class Method(nn.Module, ABC):
         """Tokens this method adds to the vocabulary (e.g. `<pause>`); added before __init__."""
         return []
 
+    def init_new_tokens(self, tokens: list[str]) -> None:
+        """Initialise the embeddings of `tokens`, just added to the vocabulary (random rows
+        until then). Called once, when a run builds its model; never on a trained one."""
+
     # -- data ------------------------------------------------------------------------------
     @abstractmethod
     def encode(self, example: Example) -> Features:

@@ -39,7 +39,7 @@ from latentlab.engine.generation import (
     pad_safe_attention,
     prefill,
 )
-from latentlab.errors import RunError
+from latentlab.errors import ConfigError, RunError
 from latentlab.methods.base import (
     IGNORE,
     Batch,
@@ -82,6 +82,10 @@ class CoconutConfig(MethodConfig):
                                    "pad_latent_to_max, set in both of its reference configs)")
     thoughts_at_eval: int | None = Field(None, ge=0, description="thoughts at inference for "
                                          "the last stage; None: max_latent_stage * c")
+    new_token_init: str | None = Field(None, description="a token whose embedding (and LM-"
+                                       "head row) <bot>, <eot> and <thought> start from when "
+                                       "they are added: '<<' in Coconut's reference code; "
+                                       "None: random rows")
     first_stage: int = Field(0, ge=0, description="stage the curriculum starts at: 1 skips "
                              "stage 0 (plain CoT) when model.init_from is already a CoT run, "
                              "as Coconut's GSM8K recipe does")
@@ -110,6 +114,25 @@ class Coconut(Method):
     @classmethod
     def special_tokens(cls, config: MethodConfig) -> list[str]:
         return [BOT, EOT, THOUGHT]
+
+    def init_new_tokens(self, tokens: list[str]) -> None:
+        """Copy `new_token_init`'s rows into the new tokens' rows, input and output embeddings
+        alike (one matrix when they are tied), as the reference does with `<<`."""
+        source = self.config.new_token_init
+        if source is None or not tokens:
+            return
+        ids = self.tokenizer.encode(source, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ConfigError(f"method.new_token_init={source!r} is {len(ids)} tokens of this "
+                              "run's tokenizer, not one",
+                              fix="name a single token of the tokenizer, or null for random "
+                              "rows")
+        rows = self.tokenizer.convert_tokens_to_ids(tokens)
+        matrices = {id(m.weight): m.weight for m in (self.backbone.get_input_embeddings(),
+                                                     self.backbone.get_output_embeddings())}
+        with torch.no_grad():
+            for weight in matrices.values():
+                weight[rows] = weight[ids[0]].clone()
 
     # -- curriculum ------------------------------------------------------------------------
     def stages(self, epochs: int) -> list[Stage]:
