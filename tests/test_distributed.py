@@ -1,0 +1,48 @@
+"""Two processes on CPU (torchrun, gloo): the run shards its data, trains one model and writes
+one run directory. Before `make_accelerator` passed `cpu`, each process took itself for the
+main one: both wrote the tokenizer (one crashed) and each trained on all the data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from test_training import TINY
+
+from latentlab.run import load_run
+
+# 40 training examples, 4 per process and step: 5 steps per epoch on two processes, 10 on one.
+CONFIG = {**TINY, "method": {"name": "coconut", "max_latent_stage": 1, "epochs_per_stage": 1},
+          "train": {**TINY["train"], "max_steps": None, "epochs": 2, "batch_size": 4,
+                    "eval_every": 0}}
+
+
+def train_with(processes: int, run_dir: Path) -> list[dict]:
+    config = run_dir.parent / f"{run_dir.name}.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # --standalone: a rendezvous on a free local port, so parallel test runs do not collide.
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable])
+    done = subprocess.run([*launch, "-m", "latentlab", "train", str(config),
+                           f"out_dir={run_dir}"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_cpu_processes_shard_the_data_and_write_one_run(tmp_path: Path) -> None:
+    two = train_with(2, tmp_path / "two")
+    one = train_with(1, tmp_path / "one")
+    steps = [r["step"] for r in two if "loss" in r]
+    assert steps == list(range(1, 11))  # 2 epochs of 5 steps: each process saw half the data
+    assert [r["step"] for r in one if "loss" in r] == list(range(1, 21))
+    # Validation ran once per epoch and stage, on the main process only (one row each).
+    assert [r["step"] for r in two if r.get("split") == "valid"] == [5, 10]
+    method, config = load_run(tmp_path / "two")
+    assert config.method.name == "coconut" and method.latent_stage == 1
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["test"]["n"] == 8
