@@ -21,7 +21,7 @@ CONFIG = {**TINY, "method": {"name": "coconut", "max_latent_stage": 1, "epochs_p
                     "eval_every": 0}}
 
 
-def train_with(processes: int, run_dir: Path) -> list[dict]:
+def train_with(processes: int, run_dir: Path) -> tuple[list[dict], str]:
     config = run_dir.parent / f"{run_dir.name}.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -32,12 +32,13 @@ def train_with(processes: int, run_dir: Path) -> list[dict]:
                            f"out_dir={run_dir}"], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return rows, done.stdout
 
 
 def test_two_cpu_processes_shard_the_data_and_write_one_run(tmp_path: Path) -> None:
-    two = train_with(2, tmp_path / "two")
-    one = train_with(1, tmp_path / "one")
+    two, printed = train_with(2, tmp_path / "two")
+    one, _ = train_with(1, tmp_path / "one")
     steps = [r["step"] for r in two if "loss" in r]
     assert steps == list(range(1, 11))  # 2 epochs of 5 steps: each process saw half the data
     assert [r["step"] for r in one if "loss" in r] == list(range(1, 21))
@@ -45,4 +46,7 @@ def test_two_cpu_processes_shard_the_data_and_write_one_run(tmp_path: Path) -> N
     assert [r["step"] for r in two if r.get("split") == "valid"] == [5, 10]
     method, config = load_run(tmp_path / "two")
     assert config.method.name == "coconut" and method.latent_stage == 1
-    assert json.loads((tmp_path / "two" / "results.json").read_text())["test"]["n"] == 8
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["test"]["n"] == 8
+    assert [line for line in printed.splitlines() if line.startswith("{")] == [
+        json.dumps(results)]  # the results line once, from the main process

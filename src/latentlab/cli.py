@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     try:
         with _sigterm_interrupts():
-            return int(args.func(args) or 0)
+            status = int(args.func(args) or 0)
+        _leave_process_group()
+        return status
     except KeyboardInterrupt as exc:  # outside the training loop, which saves and stops itself
         return _report(f"interrupted by {exc or 'SIGINT'}. Fix: run the command again (a "
                        "training run continues from its last checkpoint with --resume).", 130)
@@ -36,6 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     except LatentlabError as err:
         from latentlab.engine.trainer import Interrupted
         return _report(str(err), 130 if isinstance(err, Interrupted) else 2)
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, end the process group before the interpreter exits: gloo's threads left
+    running at exit abort the process (std::terminate, SIGABRT) after a run that succeeded."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.barrier()  # no process tears down while another still talks to it
+        distributed.destroy_process_group()
 
 
 def _report(message: str, status: int) -> int:
@@ -135,13 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_results(results: dict[str, Any]) -> None:
+    """The results line, once: under torchrun or accelerate launch every process returns them."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(json.dumps(results))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from latentlab.config import load_config
     from latentlab.run import train
 
     config = load_config(args.config, args.overrides)
     results = train(config, resume=args.resume)
-    print(json.dumps(results))
+    print_results(results)
     return 0
 
 
@@ -150,7 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     results = evaluate_run(args.run_dir, args.split, args.data, args.batch_size,
                            args.max_new_tokens)
-    print(json.dumps(results))
+    print_results(results)
     return 0
 
 
