@@ -63,8 +63,8 @@ def make_accelerator(mixed_precision: str, find_unused_parameters: bool = False)
         mixed_precision = "bf16" if bf16 else "no"
     handlers = ([DistributedDataParallelKwargs(find_unused_parameters=True)]
                 if find_unused_parameters else [])
-    # Processes launched on CPUs alone (torchrun, accelerate launch): without `cpu`, accelerate
-    # sets up no process group there, and every process takes itself for the main one.
+    # Processes launched on CPUs alone (torchrun): without `cpu`, accelerate sets up no process
+    # group there, and every process takes itself for the main one.
     launched_on_cpus = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=handlers,
                        cpu=launched_on_cpus)
