@@ -18,6 +18,7 @@ head has GPT-2's size. Weights are random: speed does not depend on them.
 
     python benchmarks/coconut_step.py --device cuda --out coconut_step.json
     python benchmarks/coconut_step.py --device cuda --compile --out coconut_step_compiled.json
+    python benchmarks/coconut_step.py --device cuda --cuda-graphs --quick --out graphs.json
     python benchmarks/coconut_step.py --preset gpt2-tiny --device cpu --steps 2   # smoke
 """
 
@@ -33,14 +34,30 @@ from typing import Any
 
 import torch
 from common import DTYPES, Clock, gigabytes, word_tokenizer
-from torch import Tensor
+from torch import Tensor, nn
 
 from latentlab.backbones import add_special_tokens, build_backbone, compile_transformers
 from latentlab.config import ModelConfig
+from latentlab.engine.cuda_graphs import GraphedSteps
+from latentlab.engine.interface import StepOutput
 from latentlab.methods.base import lm_loss
 from latentlab.methods.coconut import EOT, Coconut, CoconutConfig
 from latentlab.methods.cot import CoT, CoTConfig
 from latentlab.tasks.base import Example
+
+
+class StepModule(nn.Module):
+    """One variant's loss as a module (what `GraphedSteps` records), under autocast as the
+    trainer's prepared model runs it."""
+
+    def __init__(self, loss_fn: Callable[[dict[str, Any]], Tensor], method: Coconut,
+                 autocast: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
+        super().__init__()
+        self.loss_fn, self.method, self.autocast = loss_fn, method, autocast
+
+    def forward(self, batch: dict[str, Any]) -> StepOutput:
+        with self.autocast():
+            return StepOutput(self.loss_fn(batch))
 
 
 def make_examples(args: argparse.Namespace, rng: random.Random, n: int) -> list[Example]:
@@ -127,6 +144,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compile", action="store_true",
                         help="model.compile=true: torch.compile the transformer body (every "
                         "variant, so the ratios compare like with like)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="train.cuda_graphs=true: every variant's step replayed from a "
+                        "CUDA graph (recorded during the warmup steps)")
     parser.add_argument("--quick", action="store_true",
                         help="only the cached and the plain training step (no recomputation, "
                         "no generation): fewer shapes to compile with --compile")
@@ -157,32 +177,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def autocast() -> contextlib.AbstractContextManager[None]:
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def hidden_one_pass(b: dict[str, Any]) -> Tensor:
-        ids = b["input_ids"]
-        return method.backbone.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)
-                                          ).last_hidden_state
+    def hidden_one_pass(b: dict[str, Any]) -> Tensor:  # as CoT.forward: no mask, no sync
+        embeds = method.backbone.get_input_embeddings()(b["input_ids"])
+        return method.backbone.base_model(inputs_embeds=embeds).last_hidden_state
 
     # Each variant's loss as training computes it: Coconut through the method's step, the
     # others from their hidden states.
     loss_fns: dict[str, Callable[[dict[str, Any]], Tensor]] = {
         "coconut_cached": lambda b: method(b).loss,
-        "plain_one_pass": lambda b: lm_loss(method.backbone, hidden_one_pass(b), b["labels"]),
+        "plain_one_pass": lambda b: lm_loss(method.backbone, hidden_one_pass(b), b["labels"],
+                                            b["label_index"]),
         "full_recompute": lambda b: lm_loss(method.backbone, recomputed_hidden(method, b),
-                                            b["labels"]),
+                                            b["labels"], b["label_index"]),
     }
     if args.quick:
         del loss_fns["full_recompute"]
     method.train()
     train: dict[str, Any] = {}
     for name, loss_fn in loss_fns.items():
-        def step(loss_fn: Callable[[dict[str, Any]], Tensor] = loss_fn) -> None:
+        module = StepModule(loss_fn, method, autocast)
+        graphs = GraphedSteps(module) if args.cuda_graphs else None
+
+        def step(module: StepModule = module, graphs: GraphedSteps | None = graphs) -> None:
             method.zero_grad(set_to_none=True)
-            with autocast():
-                loss = loss_fn(batch)
-            loss.backward()
+            # As the trainer does: a replay when the layout has a recording (the warmup calls
+            # record it), else eager.
+            if graphs is None or graphs.step(batch, 1.0) is None:
+                module(batch).loss.backward()
 
         seconds = clock.mean_seconds(step, args.steps, args.warmup)
-        train[name] = {"ms": 1e3 * seconds, "peak_memory_gb": gigabytes(clock.peak_bytes(step))}
+        peak = clock.peak_bytes(step, replayed=graphs is not None)
+        train[name] = {"ms": 1e3 * seconds, "peak_memory_gb": gigabytes(peak)}
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
             (args.profile / f"{name}.txt").write_text(profile_table(step, device))

@@ -41,13 +41,19 @@ class Clock:
         self.sync()
         return (time.perf_counter() - start) / steps
 
-    def peak_bytes(self, fn: Callable[[], Any]) -> int | None:
+    def peak_bytes(self, fn: Callable[[], Any], replayed: bool = False) -> int | None:
+        """The most memory allocated while `fn` runs; for a CUDA-graph replay (`replayed`),
+        which allocates nothing, what is reserved once it ran (its graph's memory pool
+        included; every other cached block released first)."""
         if self.device.type != "cuda":
             return None
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         fn()
         self.sync()
+        if replayed:
+            torch.cuda.empty_cache()
+            return torch.cuda.memory_reserved(self.device)
         return torch.cuda.max_memory_allocated(self.device)
 
 

@@ -132,6 +132,21 @@ def test_cached_multipass_forward_equals_full_recomputation(
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
+def test_padding_to_a_multiple_changes_shapes_not_the_loss() -> None:
+    method = make(thoughts_per_step=2, max_latent_stage=3).eval()
+    method.set_stage(2)
+    features = [method.encode(e) for e in EXAMPLES]
+    batch = method.collate(features)
+    method.pad_to_multiple = 16
+    padded = method.collate(features)
+    assert padded["bot"] % 16 == 0 and padded["input_ids"].shape[1] % 16 == 0
+    assert padded["bot"] > batch["bot"] and padded["left_padded"]
+    with torch.no_grad():
+        torch.testing.assert_close(method(padded).loss, method(batch).loss)
+    method.set_stage(0)  # no thoughts: the right-padded batch of every method, rounded too
+    assert method.collate([method.encode(e) for e in EXAMPLES])["input_ids"].shape[1] % 16 == 0
+
+
 def test_gradient_flows_back_through_the_thought_chain() -> None:
     method = make(thoughts_per_step=2, max_latent_stage=3).eval()
     method.set_stage(2)

@@ -18,6 +18,9 @@ def test_defaults_and_overrides_are_typed() -> None:
     assert cfg.train.lr == 3e-4 and cfg.task.operands == 5
     assert cfg.method.name == "nocot" and cfg.eval.splits == ["test"]
     assert cfg.run_dir() == Path("runs/countdown-nocot-gpt2-tiny")
+    # A bare `no` is YAML's false: mixed_precision still reads it as the option "no".
+    assert load_config(base=BASE, overrides=["train.mixed_precision=no"]
+                       ).train.mixed_precision == "no"
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

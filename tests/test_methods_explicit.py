@@ -7,7 +7,7 @@ import torch
 
 from latentlab.backbones import build_backbone, train_tokenizer
 from latentlab.config import ModelConfig
-from latentlab.methods.base import IGNORE, extract_answer
+from latentlab.methods.base import IGNORE, LABEL_BUCKET, extract_answer, label_index, lm_loss
 from latentlab.methods.cot import CoT, CoTConfig, NoCoT, NoCoTConfig
 from latentlab.tasks.base import Example
 
@@ -42,6 +42,27 @@ def test_question_loss_labels_every_token() -> None:
                    make(NoCoT, NoCoTConfig(question_loss=True))):
         f = method.encode(EXAMPLES[1])
         assert f["labels"] == f["input_ids"]
+
+
+def test_label_index_by_hand_and_lm_loss_without_it() -> None:
+    x = IGNORE
+    labels = torch.tensor([[x, x, 5, 6],
+                           [x, 7, x, x]])
+    index = label_index(labels)
+    # Flat position i predicts labels.flatten()[i + 1]: (0,1)->5, (0,2)->6, (1,0)->7, then
+    # fillers at the first position with no target, (0,0), up to a multiple of LABEL_BUCKET.
+    assert index[:3].tolist() == [1, 2, 4]
+    assert len(index) == LABEL_BUCKET and set(index[3:].tolist()) == {0}
+    assert labels.flatten()[index[3:] + 1].eq(IGNORE).all()
+    # lm_loss with the collate's index equals one that finds the labels itself, and both equal
+    # the cross-entropy of the three labelled positions only.
+    cot = make(CoT, CoTConfig())
+    hidden = torch.randn(2, 4, cot.backbone.config.n_embd)
+    head = cot.backbone.get_output_embeddings()
+    expected = torch.nn.functional.cross_entropy(
+        head(torch.stack([hidden[0, 1], hidden[0, 2], hidden[1, 0]])), torch.tensor([5, 6, 7]))
+    assert lm_loss(cot.backbone, hidden, labels, index).item() == pytest.approx(expected.item())
+    assert lm_loss(cot.backbone, hidden, labels).item() == pytest.approx(expected.item())
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])

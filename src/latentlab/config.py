@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from latentlab.errors import ConfigError, require_file
 from latentlab.methods import METHOD_CONFIGS
@@ -57,6 +64,11 @@ class TrainConfig(Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="'auto': bf16 on a GPU that supports it, float32 on CPU")
     eval_every: int = Field(0, ge=0, description="steps between validations; 0: each epoch")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads a bare `no` as false
     eval_samples: int | None = Field(200, ge=1, description="validation examples scored "
                                      "during training (None: all)")
     save_every: int = Field(0, ge=0, description="steps between resumable checkpoints; "
@@ -70,6 +82,10 @@ class TrainConfig(Section):
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/Inf loss or gradient: 'stop' the run (the last checkpoint "
         "is kept), or 'skip' the step (no update; logged as {step, skipped: nonfinite})")
+    cuda_graphs: bool = Field(False, description="record each training step's forward and "
+                              "backward in a CUDA graph once per batch layout and replay it: "
+                              "for steps bound by kernel launches (Coconut's sequential "
+                              "passes); one CUDA device, bf16 or float32 (docs/design.md)")
     max_skipped_steps: int = Field(25, ge=1, description="consecutive steps without an update "
                                    "(skipped non-finite steps, fp16 loss-scale overflows) after "
                                    "which the run stops: the run diverged")
@@ -96,6 +112,13 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     out_dir: str = Field("runs/{task}-{method}-{model}", description="run directory; "
                          "{task}, {method}, {model} and {seed} are filled in")
+
+    @model_validator(mode="after")
+    def _one_way_to_cut_launches(self) -> RunConfig:
+        if self.train.cuda_graphs and self.model.compile:
+            raise ValueError("train.cuda_graphs and model.compile are not supported together; "
+                             "choose one")
+        return self
 
     def run_dir(self) -> Path:
         return Path(self.out_dir.format(task=self.task.name, method=self.method.name,

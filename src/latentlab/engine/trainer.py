@@ -36,8 +36,9 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 
 from latentlab.config import TrainConfig
 from latentlab.engine.checkpoint import CheckpointManager
+from latentlab.engine.cuda_graphs import GraphedSteps
 from latentlab.engine.interface import Stage
-from latentlab.errors import NumericalError, RunError
+from latentlab.errors import ConfigError, NumericalError, RunError
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Trainer:
         self._signal: int | None = None
         self._tty = False
         self.stages: Sequence[Stage] = ()
+        self.graphs: GraphedSteps | None = None
 
     # ------------------------------------------------------------------------------------
     def fit(self, stages: Sequence[Stage], prepare: Callable[[int], Sequence[Any]],
@@ -114,6 +116,7 @@ class Trainer:
         # step (it assumes per-process batches), running the schedule `num_processes` times too
         # fast, while `total` counts optimizer steps over global batches.
         model, optimizer = self.acc.prepare(self.model, optimizer)
+        self.graphs = self._graphed_steps(model) if cfg.cuda_graphs else None
         # from_pretrained (init_from, a reloaded Base) returns modules in eval mode: train mode
         # from the first step, so dropout and its RNG draws match a resumed run's.
         self.model.train()
@@ -134,6 +137,8 @@ class Trainer:
             for stage_index in range(state.stage, len(stages)):
                 stage = stages[stage_index]
                 self._unwrap().set_stage(stage_index)
+                if self.graphs is not None:
+                    self.graphs.forget()
                 data = prepare(stage_index)
                 if stage.reset_optimizer and stage_index > 0 and state.epoch == state.batch == 0:
                     optimizer.optimizer.state.clear()
@@ -223,8 +228,12 @@ class Trainer:
                      for k, v in batch.items()}
             sync = contextlib.nullcontext() if j == len(micro) - 1 else self.acc.no_sync(model)
             with sync:
-                out = model(batch)
-                self.acc.backward(out.loss / len(micro))
+                # With train.cuda_graphs, forward and backward in one replay when the batch's
+                # layout has a recording.
+                out = self.graphs.step(batch, 1 / len(micro)) if self.graphs else None
+                if out is None:
+                    out = model(batch)
+                    self.acc.backward(out.loss / len(micro))
             total_loss += out.loss.detach() / len(micro)
             for name, value in out.metrics.items():
                 metrics[name] = metrics.get(name, 0.0) + value.detach().float() / len(micro)
@@ -247,6 +256,18 @@ class Trainer:
         means = {k: float(self.acc.reduce(v, reduction="mean")) for k, v in metrics.items()}
         return StepResult(float(loss), int(self.acc.reduce(token_count, reduction="sum")),
                           float(grad_norm), finite, overflow, means)
+
+    def _graphed_steps(self, model: nn.Module) -> GraphedSteps:
+        problem = ("it needs a CUDA device" if self.acc.device.type != "cuda"
+                   else "it records one process's step, without DDP's gradient exchange"
+                   if self.acc.num_processes > 1
+                   else "fp16's loss scaler is not recorded" if self.acc.scaler is not None
+                   else None)
+        if problem:
+            raise ConfigError(f"train.cuda_graphs cannot be used here: {problem}",
+                              fix="set train.cuda_graphs=false (or run on one GPU with "
+                                  "train.mixed_precision=bf16 or no)")
+        return GraphedSteps(model)
 
     def _last_checkpoint(self) -> str:
         latest = self.checkpoints.latest()

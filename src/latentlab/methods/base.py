@@ -31,6 +31,7 @@ from latentlab.tasks.base import Example
 
 ANSWER_MARKER = "###"
 IGNORE = -100  # label of positions that carry no loss (the convention of torch's cross-entropy)
+LABEL_BUCKET = 64  # `label_index` lengths are multiples of this (few shapes for CUDA graphs)
 
 
 class MethodConfig(BaseModel):
@@ -58,6 +59,9 @@ Batch = dict[str, Any]
 class Method(nn.Module, ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
+    # Batch widths are rounded up to a multiple of this (a method may make it an option): fewer
+    # distinct shapes, so that train.cuda_graphs replays more and records less.
+    pad_to_multiple: int = 1
 
     def __init__(self, config: MethodConfig, backbone: PreTrainedModel,
                  tokenizer: PreTrainedTokenizerBase) -> None:
@@ -82,8 +86,9 @@ class Method(nn.Module, ABC):
         """Training features of one example (plain Python data, no tensors)."""
 
     def collate(self, features: list[Features]) -> Batch:
-        """Right-pad `input_ids`/`labels` into a batch; `num_tokens` counts real tokens."""
-        longest = max(len(f["input_ids"]) for f in features)
+        """Right-pad `input_ids`/`labels` into a batch; `num_tokens` counts real tokens and
+        `label_index` locates the labels for `lm_loss`."""
+        longest = round_up(max(len(f["input_ids"]) for f in features), self.pad_to_multiple)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(features), longest), pad, dtype=torch.long)
         labels = torch.full((len(features), longest), IGNORE, dtype=torch.long)
@@ -94,7 +99,7 @@ class Method(nn.Module, ABC):
             labels[row, :n] = torch.tensor(f["labels"])
             mask[row, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-                "num_tokens": int(mask.sum())}
+                "label_index": label_index(labels), "num_tokens": int(mask.sum())}
 
     # -- training --------------------------------------------------------------------------
     @abstractmethod
@@ -218,13 +223,43 @@ def sequence(pieces: list[tuple[list[int], bool]]) -> Features:
     return {"input_ids": input_ids, "labels": labels}
 
 
-def lm_loss(backbone: PreTrainedModel, hidden: Tensor, labels: Tensor) -> Tensor:
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def label_index(labels: Tensor) -> Tensor:
+    """Positions whose next token carries a label, as indices into `labels.flatten()` (and into
+    `hidden.flatten(0, 1)` for states of the same layout): position i predicts label i+1.
+
+    Collates compute it on the CPU, so that `lm_loss` gathers the labelled states without
+    reading the labels on the device (a host sync, which a CUDA graph cannot contain). The
+    count is rounded up to a multiple of `LABEL_BUCKET` with positions whose target is IGNORE
+    (the loss skips them), so that batches of one shape share a few index shapes.
+    """
+    width = labels.shape[1]
+    targets = labels[:, 1:]
+    rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
+    index = rows * width + cols
+    fillers = (targets == IGNORE).nonzero()
+    extra = -len(index) % LABEL_BUCKET
+    if extra and len(fillers):
+        filler = fillers[0, 0] * width + fillers[0, 1]
+        index = torch.cat([index, filler.expand(extra)])
+    return index
+
+
+def lm_loss(backbone: PreTrainedModel, hidden: Tensor, labels: Tensor,
+            index: Tensor | None = None) -> Tensor:
     """Mean cross-entropy of `labels[t]` predicted from the last-layer state at `t-1`.
 
     Only the positions that carry a label go through the LM head: with a 50k vocabulary the
     full logits tensor would dominate memory, and most positions (the question) have no label.
+    `index` is the batch's `label_index`; without it, it is computed here, which reads the
+    labels on the host (a device sync per step).
     """
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    logits = backbone.get_output_embeddings()(hidden[:, :-1][keep])
-    return nn.functional.cross_entropy(logits.float(), targets[keep])
+    if index is None:
+        index = label_index(labels)
+    states = hidden.flatten(0, 1).index_select(0, index)
+    targets = labels.flatten().index_select(0, index + 1)
+    logits = backbone.get_output_embeddings()(states)
+    return nn.functional.cross_entropy(logits.float(), targets, ignore_index=IGNORE)

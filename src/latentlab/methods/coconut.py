@@ -11,16 +11,18 @@ and the last stage also drops the steps after max_latent_stage. Loss is on the s
 left, the answer and <eos>.
 
 Training needs n+1 sequential passes (thought j depends on thought j-1). The passes share one
-`DynamicCache`: each pass feeds only the new columns on top of the cached prefix, and gradients
-flow back through the cached keys and values. Batching rule (see `collate`): rows are
-left-padded so that every row's `<bot>` sits in the same column; thought j of every row then
-sits in column bot+j, so pass j feeds exactly one column, in which rows with fewer thoughts
-already hold ordinary tokens whose embeddings are known. docs/methods/coconut.md gives the
-argument for exactness; tests/test_coconut.py checks it against full recomputation.
+cache (`engine.piecewise_cache`: each pass writes its keys and values into buffers of the full
+width, with no copy of earlier columns): each pass feeds only the new columns on top of the
+cached prefix, and gradients flow back through the cached keys and values. Batching rule (see
+`collate`): rows are left-padded so that every row's `<bot>` sits in the same column; thought
+j of every row then sits in column bot+j, so pass j feeds exactly one column, in which rows with
+fewer thoughts already hold ordinary tokens whose embeddings are known. docs/methods/coconut.md
+gives the argument for exactness; tests/test_coconut.py checks it against full recomputation.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +30,8 @@ import torch
 from pydantic import Field, model_validator
 from safetensors.torch import load_file
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from latentlab.engine.generation import (
     DecodeState,
@@ -39,6 +42,7 @@ from latentlab.engine.generation import (
     pad_safe_attention,
     prefill,
 )
+from latentlab.engine.piecewise_cache import piecewise_cache
 from latentlab.errors import ConfigError, RunError
 from latentlab.methods.base import (
     IGNORE,
@@ -49,7 +53,9 @@ from latentlab.methods.base import (
     Stage,
     StepOutput,
     answer_text,
+    label_index,
     lm_loss,
+    round_up,
     sequence,
     steps_text,
 )
@@ -57,6 +63,14 @@ from latentlab.tasks.base import Example
 
 BOT, EOT, THOUGHT = "<bot>", "<eot>", "<thought>"
 STAGE_KEY = "latent_stage"  # entry of method.safetensors holding the exported model's stage
+
+# SDPA backends for the single-column thought passes while a CUDA graph records the step, in
+# order of preference. For one query row over 357 keys, cuDNN's kernel takes 60% of flash's time
+# once replayed (forward and backward, H100: 105 against 166 us; H200: 90 against 151), but
+# launched eagerly its host-side setup can cost more than that (H200: 505 against 232 us).
+# benchmarks/sdpa_single_query.py; results in benchmarks/results/sdpa_single_query_*.json.
+SINGLE_QUERY_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                         SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 Mode = Literal["coconut", "no_curriculum", "no_thought", "pause_as_thought"]
 # Modes whose thoughts are fed-back hidden states (the others are ordinary token sequences).
@@ -86,6 +100,9 @@ class CoconutConfig(MethodConfig):
                                        "head row) <bot>, <eot> and <thought> start from when "
                                        "they are added: '<<' in Coconut's reference code; "
                                        "None: random rows")
+    pad_to_multiple: int = Field(1, ge=1, description="round the <bot> column and the batch "
+                                 "width up to a multiple of this (more padding, fewer batch "
+                                 "shapes: train.cuda_graphs then replays more; 64 suits it)")
     first_stage: int = Field(0, ge=0, description="stage the curriculum starts at: 1 skips "
                              "stage 0 (plain CoT) when model.init_from is already a CoT run, "
                              "as Coconut's GSM8K recipe does")
@@ -109,6 +126,7 @@ class Coconut(Method):
         super().__init__(config, backbone, tokenizer)
         self.bot_id, self.eot_id, self.thought_id = (
             tokenizer.convert_tokens_to_ids(t) for t in (BOT, EOT, THOUGHT))
+        self.pad_to_multiple = config.pad_to_multiple
         self.set_stage(0)  # the curriculum's first stage (config.first_stage)
 
     @classmethod
@@ -201,9 +219,11 @@ class Coconut(Method):
         most = max(f["thoughts"] for f in features)
         if most == 0:
             return {**super().collate(features), "max_thoughts": 0}
-        bot = max(f["bot"] for f in features)
+        bot = round_up(max(f["bot"] for f in features), self.pad_to_multiple)
         shifts = [bot - f["bot"] for f in features]
-        width = max(s + len(f["input_ids"]) for s, f in zip(shifts, features, strict=True))
+        width = round_up(max(s + len(f["input_ids"]) for s, f in zip(shifts, features,
+                                                                     strict=True)),
+                         self.pad_to_multiple)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(features), width), pad, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
@@ -215,12 +235,14 @@ class Coconut(Method):
             mask[row, s:end] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask,
                 "thoughts": torch.tensor([f["thoughts"] for f in features]),
+                "label_index": label_index(labels),
                 "bot": bot, "max_thoughts": most, "left_padded": any(shifts),
                 "num_tokens": int(mask.sum())}
 
     # -- training --------------------------------------------------------------------------
     def forward(self, batch: Batch) -> StepOutput:
-        return StepOutput(lm_loss(self.backbone, self.hidden_states(batch), batch["labels"]))
+        return StepOutput(lm_loss(self.backbone, self.hidden_states(batch), batch["labels"],
+                                  batch.get("label_index")))
 
     def hidden_states(self, batch: Batch) -> Tensor:
         """Last-layer states of every column of a collated batch, thoughts fed back.
@@ -234,23 +256,23 @@ class Coconut(Method):
         """
         ids = batch["input_ids"]
         n = batch["max_thoughts"]
+        embeds = self.backbone.get_input_embeddings()(ids)
         if n == 0:
-            # Right padding: the causal mask alone is exact, and an all-ones mask lets
-            # transformers drop it so that SDPA can use its flash kernel (as in CoT).
-            return self.backbone.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)
-                                            ).last_hidden_state
+            # Right padding: the causal mask alone is exact, and no mask lets SDPA use its
+            # flash kernel (as in CoT, which says why embeddings).
+            return self.backbone.base_model(inputs_embeds=embeds).last_hidden_state
         mask = batch["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding starts each row at 0
-        embeds = self.backbone.get_input_embeddings()(ids)
         has_thought = batch["thoughts"][:, None, None]
         bot, width = batch["bot"], ids.shape[1]
-        cache = DynamicCache(config=self.backbone.config)
+        cache = piecewise_cache(self.backbone, width)  # no cache copies per pass
         # One mask for all passes (pass j reads its rows start:end). Only left pads can be
         # queries that see nothing (see padded_attention); right padding alone is exact under
-        # the causal mask, so it gets all ones, as above. The collate knows which, so no
-        # device sync decides it (reading the mask cost a sync per step).
+        # the causal mask, so it gets none, as above. The collate knows which, so no device
+        # sync decides it (reading the mask, or giving transformers an all-ones one to read,
+        # cost a sync per pass).
         allowed = (pad_safe_attention(self.backbone, mask, width) if batch["left_padded"]
-                   else torch.ones_like(mask))
+                   else None)
         outputs: list[Tensor] = []
         for j in range(n + 1):
             # Bounds by arithmetic on `bot` (not a list of them): a traced step keeps `bot`
@@ -262,11 +284,14 @@ class Coconut(Method):
                 previous = outputs[-1][:, -1:].to(chunk.dtype)
                 first = torch.where(has_thought >= j, previous, chunk[:, :1])
                 chunk = torch.cat([first, chunk[:, 1:]], dim=1)
-            out = self.backbone.base_model(inputs_embeds=chunk,
-                                           attention_mask=allowed[..., start:end, :end]
-                                           if allowed.dim() == 4 else allowed[:, :end],
-                                           position_ids=positions[:, start:end],
-                                           past_key_values=cache, use_cache=True)
+            recorded = 0 < j < n and ids.is_cuda and torch.cuda.is_current_stream_capturing()
+            with (sdpa_kernel(SINGLE_QUERY_BACKENDS, set_priority=True) if recorded
+                  else contextlib.nullcontext()):
+                out = self.backbone.base_model(inputs_embeds=chunk,
+                                               attention_mask=None if allowed is None
+                                               else allowed[..., start:end, :end],
+                                               position_ids=positions[:, start:end],
+                                               past_key_values=cache, use_cache=True)
             outputs.append(out.last_hidden_state)
         return torch.cat(outputs, dim=1)
 

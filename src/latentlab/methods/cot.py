@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-import torch
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -59,13 +58,15 @@ class CoT(Method):
 
     def forward(self, batch: Batch) -> StepOutput:
         # Right padding puts every pad after every real token, so the causal mask alone is
-        # exact. An all-ones mask lets transformers drop the mask and SDPA use its flash kernel
-        # instead of materialising B x H x T x T attention weights (about 20 GB per process for
-        # ProsQA batches of GPT-2 small).
-        ids = batch["input_ids"]
-        hidden = self.backbone.base_model(input_ids=ids,
-                                          attention_mask=torch.ones_like(ids)).last_hidden_state
-        return StepOutput(lm_loss(self.backbone, hidden, batch["labels"]))
+        # exact. No mask lets transformers drop it and SDPA use its flash kernel instead of
+        # materialising B x H x T x T attention weights (about 20 GB per process for ProsQA
+        # batches of GPT-2 small); an all-ones mask would do the same after reading it on the
+        # host (a device sync per step). Embeddings, not ids: given ids and no mask,
+        # transformers looks for pad tokens in them on the host (a sync, and a warning).
+        embeds = self.backbone.get_input_embeddings()(batch["input_ids"])
+        hidden = self.backbone.base_model(inputs_embeds=embeds).last_hidden_state
+        return StepOutput(lm_loss(self.backbone, hidden, batch["labels"],
+                                  batch.get("label_index")))
 
 
 class NoCoT(CoT):

@@ -500,8 +500,7 @@ class LatentSFT(Method):
                   else batch["slot_values"])
         embeds = embeds.masked_scatter(slot[..., None], inputs.to(embeds.dtype))
         # Right padding: the causal mask alone is exact (as for CoT).
-        hidden = self.backbone.base_model(inputs_embeds=embeds, attention_mask=torch.ones_like(
-            ids)).last_hidden_state
+        hidden = self.backbone.base_model(inputs_embeds=embeds).last_hidden_state
         l_exp = lm_loss(self.backbone, hidden, batch["labels"])
         before = hidden[:, :-1][slot[:, 1:]]  # the positions predicting each slot [S, d]
         if before.shape[0] == 0:  # no example of the batch has a latent (an empty CoT)

@@ -64,9 +64,8 @@ class Pause(Method):
     def forward(self, batch: Batch) -> StepOutput:
         ids = batch["input_ids"]
         # Right padding: the causal mask alone is exact (see CoT.forward).
-        hidden = self.backbone.base_model(inputs_embeds=self.embed(ids),
-                                          attention_mask=torch.ones_like(ids)).last_hidden_state
-        loss = lm_loss(self.backbone, hidden, batch["labels"])
+        hidden = self.backbone.base_model(inputs_embeds=self.embed(ids)).last_hidden_state
+        loss = lm_loss(self.backbone, hidden, batch["labels"], batch.get("label_index"))
         metrics = {"lm_loss": loss.detach()}
         if self.config.orthogonality:
             penalty = orthogonality_penalty(self.slot_states(ids, hidden))
