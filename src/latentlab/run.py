@@ -53,7 +53,7 @@ RUN_ENTRIES = ("checkpoints", "best", "metrics.jsonl", "results.json", "environm
 # (a run stopped by one continues with `train.on_nonfinite=skip`), whether the model runs
 # compiled. `out_dir` may change too: a run directory can be moved.
 RESUMABLE_CHANGES = ("train.stop_after", "train.on_nonfinite", "train.max_skipped_steps",
-                     "model.compile")
+                     "model.compile", "train.cuda_graphs")
 TOKENIZER_DOCUMENTS = 200  # documents a text run trains its tokenizer on
 
 
