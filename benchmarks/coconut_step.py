@@ -40,7 +40,7 @@ from latentlab.backbones import add_special_tokens, build_backbone, compile_tran
 from latentlab.config import ModelConfig
 from latentlab.engine.cuda_graphs import GraphedSteps
 from latentlab.engine.interface import StepOutput
-from latentlab.methods.base import lm_loss
+from latentlab.methods.base import lm_loss, right_padded_states
 from latentlab.methods.coconut import EOT, Coconut, CoconutConfig
 from latentlab.methods.cot import CoT, CoTConfig
 from latentlab.tasks.base import Example
@@ -177,9 +177,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def autocast() -> contextlib.AbstractContextManager[None]:
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def hidden_one_pass(b: dict[str, Any]) -> Tensor:  # as CoT.forward: no mask, no sync
+    def hidden_one_pass(b: dict[str, Any]) -> Tensor:  # as CoT.forward
         embeds = method.backbone.get_input_embeddings()(b["input_ids"])
-        return method.backbone.base_model(inputs_embeds=embeds).last_hidden_state
+        return right_padded_states(method.backbone, embeds)
 
     # Each variant's loss as training computes it: Coconut through the method's step, the
     # others from their hidden states.

@@ -137,7 +137,7 @@ def test_padding_to_a_multiple_changes_shapes_not_the_loss() -> None:
     method.set_stage(2)
     features = [method.encode(e) for e in EXAMPLES]
     batch = method.collate(features)
-    method.pad_to_multiple = 16
+    method.config.pad_to_multiple = 16
     padded = method.collate(features)
     assert padded["bot"] % 16 == 0 and padded["input_ids"].shape[1] % 16 == 0
     assert padded["bot"] > batch["bot"] and padded["left_padded"]

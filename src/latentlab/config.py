@@ -65,10 +65,6 @@ class TrainConfig(Section):
         "auto", description="'auto': bf16 on a GPU that supports it, float32 on CPU")
     eval_every: int = Field(0, ge=0, description="steps between validations; 0: each epoch")
 
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _yaml_no(cls, value: Any) -> Any:
-        return "no" if value is False else value  # YAML reads a bare `no` as false
     eval_samples: int | None = Field(200, ge=1, description="validation examples scored "
                                      "during training (None: all)")
     save_every: int = Field(0, ge=0, description="steps between resumable checkpoints; "
@@ -89,6 +85,11 @@ class TrainConfig(Section):
     max_skipped_steps: int = Field(25, ge=1, description="consecutive steps without an update "
                                    "(skipped non-finite steps, fp16 loss-scale overflows) after "
                                    "which the run stops: the run diverged")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads a bare `no` as false
 
 
 class EvalConfig(Section):

@@ -223,6 +223,19 @@ def sequence(pieces: list[tuple[list[int], bool]]) -> Features:
     return {"input_ids": input_ids, "labels": labels}
 
 
+def right_padded_states(backbone: PreTrainedModel, embeds: Tensor) -> Tensor:
+    """Last-layer states of a right-padded batch.
+
+    Right padding puts every pad after every real token, so the causal mask alone is exact. No
+    mask lets transformers drop it and SDPA use its flash kernel instead of materialising
+    B x H x T x T attention weights (about 20 GB per process for ProsQA batches of GPT-2
+    small); an all-ones mask would do the same after reading it on the host (a device sync per
+    call, which a CUDA graph cannot contain). Embeddings, not ids: given ids and no mask,
+    transformers looks for pad tokens in them on the host (a sync, and a warning).
+    """
+    return backbone.base_model(inputs_embeds=embeds).last_hidden_state
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -240,9 +253,9 @@ def label_index(labels: Tensor) -> Tensor:
     targets = labels[:, 1:]
     rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
     index = rows * width + cols
-    fillers = (targets == IGNORE).nonzero()
     extra = -len(index) % LABEL_BUCKET
-    if extra and len(fillers):
+    fillers = (targets == IGNORE).nonzero() if extra else ()
+    if len(fillers):
         filler = fillers[0, 0] * width + fillers[0, 1]
         index = torch.cat([index, filler.expand(extra)])
     return index

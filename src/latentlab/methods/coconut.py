@@ -55,6 +55,7 @@ from latentlab.methods.base import (
     answer_text,
     label_index,
     lm_loss,
+    right_padded_states,
     round_up,
     sequence,
     steps_text,
@@ -126,8 +127,11 @@ class Coconut(Method):
         super().__init__(config, backbone, tokenizer)
         self.bot_id, self.eot_id, self.thought_id = (
             tokenizer.convert_tokens_to_ids(t) for t in (BOT, EOT, THOUGHT))
-        self.pad_to_multiple = config.pad_to_multiple
         self.set_stage(0)  # the curriculum's first stage (config.first_stage)
+
+    @property
+    def pad_to_multiple(self) -> int:  # type: ignore[override]
+        return self.config.pad_to_multiple
 
     @classmethod
     def special_tokens(cls, config: MethodConfig) -> list[str]:
@@ -258,9 +262,7 @@ class Coconut(Method):
         n = batch["max_thoughts"]
         embeds = self.backbone.get_input_embeddings()(ids)
         if n == 0:
-            # Right padding: the causal mask alone is exact, and no mask lets SDPA use its
-            # flash kernel (as in CoT, which says why embeddings).
-            return self.backbone.base_model(inputs_embeds=embeds).last_hidden_state
+            return right_padded_states(self.backbone, embeds)
         mask = batch["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding starts each row at 0
         has_thought = batch["thoughts"][:, None, None]
@@ -268,11 +270,11 @@ class Coconut(Method):
         cache = piecewise_cache(self.backbone, width)  # no cache copies per pass
         # One mask for all passes (pass j reads its rows start:end). Only left pads can be
         # queries that see nothing (see padded_attention); right padding alone is exact under
-        # the causal mask, so it gets none, as above. The collate knows which, so no device
-        # sync decides it (reading the mask, or giving transformers an all-ones one to read,
-        # cost a sync per pass).
+        # the causal mask, so it gets none (see right_padded_states). The collate knows which,
+        # so no device sync decides it (reading the mask cost a sync per pass).
         allowed = (pad_safe_attention(self.backbone, mask, width) if batch["left_padded"]
                    else None)
+        recording = ids.is_cuda and torch.cuda.is_current_stream_capturing()
         outputs: list[Tensor] = []
         for j in range(n + 1):
             # Bounds by arithmetic on `bot` (not a list of them): a traced step keeps `bot`
@@ -284,9 +286,8 @@ class Coconut(Method):
                 previous = outputs[-1][:, -1:].to(chunk.dtype)
                 first = torch.where(has_thought >= j, previous, chunk[:, :1])
                 chunk = torch.cat([first, chunk[:, 1:]], dim=1)
-            recorded = 0 < j < n and ids.is_cuda and torch.cuda.is_current_stream_capturing()
-            with (sdpa_kernel(SINGLE_QUERY_BACKENDS, set_priority=True) if recorded
-                  else contextlib.nullcontext()):
+            with (sdpa_kernel(SINGLE_QUERY_BACKENDS, set_priority=True)
+                  if recording and 0 < j < n else contextlib.nullcontext()):
                 out = self.backbone.base_model(inputs_embeds=chunk,
                                                attention_mask=None if allowed is None
                                                else allowed[..., start:end, :end],

@@ -18,6 +18,7 @@ from latentlab.methods.base import (
     MethodConfig,
     StepOutput,
     lm_loss,
+    right_padded_states,
     sequence,
 )
 from latentlab.tasks.base import Example
@@ -57,14 +58,8 @@ class CoT(Method):
         return {"nll": nll}
 
     def forward(self, batch: Batch) -> StepOutput:
-        # Right padding puts every pad after every real token, so the causal mask alone is
-        # exact. No mask lets transformers drop it and SDPA use its flash kernel instead of
-        # materialising B x H x T x T attention weights (about 20 GB per process for ProsQA
-        # batches of GPT-2 small); an all-ones mask would do the same after reading it on the
-        # host (a device sync per step). Embeddings, not ids: given ids and no mask,
-        # transformers looks for pad tokens in them on the host (a sync, and a warning).
         embeds = self.backbone.get_input_embeddings()(batch["input_ids"])
-        hidden = self.backbone.base_model(inputs_embeds=embeds).last_hidden_state
+        hidden = right_padded_states(self.backbone, embeds)
         return StepOutput(lm_loss(self.backbone, hidden, batch["labels"],
                                   batch.get("label_index")))
 

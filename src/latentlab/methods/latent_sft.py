@@ -61,6 +61,7 @@ from latentlab.methods.base import (
     Stage,
     StepOutput,
     lm_loss,
+    right_padded_states,
     sequence,
     steps_text,
 )
@@ -499,9 +500,8 @@ class LatentSFT(Method):
         inputs = (mixture(table, batch["slot_indices"], batch["slot_probs"]) if vocabulary
                   else batch["slot_values"])
         embeds = embeds.masked_scatter(slot[..., None], inputs.to(embeds.dtype))
-        # Right padding: the causal mask alone is exact (as for CoT).
-        hidden = self.backbone.base_model(inputs_embeds=embeds).last_hidden_state
-        l_exp = lm_loss(self.backbone, hidden, batch["labels"])
+        hidden = right_padded_states(self.backbone, embeds)
+        l_exp = lm_loss(self.backbone, hidden, batch["labels"], batch.get("label_index"))
         before = hidden[:, :-1][slot[:, 1:]]  # the positions predicting each slot [S, d]
         if before.shape[0] == 0:  # no example of the batch has a latent (an empty CoT)
             l_lat = l_exp.new_zeros(())

@@ -28,6 +28,7 @@ from latentlab.methods.base import (
     StepOutput,
     lm_loss,
     prompt_text,
+    right_padded_states,
     sequence,
 )
 from latentlab.tasks.base import Example
@@ -63,8 +64,7 @@ class Pause(Method):
 
     def forward(self, batch: Batch) -> StepOutput:
         ids = batch["input_ids"]
-        # Right padding: the causal mask alone is exact (see CoT.forward).
-        hidden = self.backbone.base_model(inputs_embeds=self.embed(ids)).last_hidden_state
+        hidden = right_padded_states(self.backbone, self.embed(ids))
         loss = lm_loss(self.backbone, hidden, batch["labels"], batch.get("label_index"))
         metrics = {"lm_loss": loss.detach()}
         if self.config.orthogonality:
