@@ -3,6 +3,9 @@
 Training (forward + backward of one batch at the last curriculum stage, `--thoughts` thoughts):
   coconut_cached   `Coconut.forward`: n+1 passes sharing one KV cache (each pass feeds only
                    the new columns; gradients flow through the cache)
+  coconut_per_pass_grads  the same with method.defer_param_grads=never: autograd computes
+                   each parameter's gradient once per pass and adds them up (the default,
+                   `replayed`, defers only with --cuda-graphs; eagerly both are the same)
   plain_one_pass   one forward/backward over the same tokens (what CoT or pause tokens cost)
   full_recompute   thought j by re-running the whole prefix from scratch, then a full pass (the
                    naive way; quadratic in the number of thoughts)
@@ -183,8 +186,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Each variant's loss as training computes it: Coconut through the method's step, the
     # others from their hidden states.
+    def per_pass_grads(b: dict[str, Any]) -> Tensor:
+        method.config.defer_param_grads = "never"
+        try:
+            return method(b).loss
+        finally:
+            method.config.defer_param_grads = "replayed"
+
     loss_fns: dict[str, Callable[[dict[str, Any]], Tensor]] = {
         "coconut_cached": lambda b: method(b).loss,
+        "coconut_per_pass_grads": per_pass_grads,
         "plain_one_pass": lambda b: lm_loss(method.backbone, hidden_one_pass(b), b["labels"],
                                             b["label_index"]),
         "full_recompute": lambda b: lm_loss(method.backbone, recomputed_hidden(method, b),
@@ -217,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Dropout differs between the timed calls, so compare without it.
     method.eval()
     with torch.no_grad(), autocast():
-        check = {n: float(fn(batch)) for n, fn in loss_fns.items() if n != "plain_one_pass"}
+        check = {n: float(fn(batch)) for n, fn in loss_fns.items()
+             if n not in ("plain_one_pass", "coconut_per_pass_grads")}
     generation: dict[str, Any] = {}
     if not args.quick:  # --quick: training only
         cot = CoT(CoTConfig(), backbone, tokenizer).eval()

@@ -100,11 +100,15 @@ SAME_QUESTION = [Example(EXAMPLES[0].question, EXAMPLES[0].steps[:k], "4*2+9-8")
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
-@pytest.mark.parametrize(("examples", "counts", "left_padded"),
-                         [(EXAMPLES, [4, 4, 2, 0], True), (SAME_QUESTION, [4, 2, 4, 0], False)])
+@pytest.mark.parametrize(("examples", "counts", "left_padded", "defer"),
+                         [(EXAMPLES, [4, 4, 2, 0], True, "always"),
+                          (SAME_QUESTION, [4, 2, 4, 0], False, "never")])
 def test_cached_multipass_forward_equals_full_recomputation(
-        preset: str, examples: list[Example], counts: list[int], left_padded: bool) -> None:
-    method = make(preset, thoughts_per_step=2, max_latent_stage=3).eval()  # eval: no dropout
+        preset: str, examples: list[Example], counts: list[int], left_padded: bool,
+        defer: str) -> None:
+    """`defer`: parameter gradients computed once for all passes, or once per pass."""
+    method = make(preset, thoughts_per_step=2, max_latent_stage=3,
+                  defer_param_grads=defer).eval()  # eval: no dropout
     method.set_stage(2)
     features = [method.encode(e) for e in examples]
     assert [f["thoughts"] for f in features] == counts

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -47,3 +50,47 @@ def test_feeding_past_the_width_is_an_error() -> None:
     layer.update(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4))
     with pytest.raises(ValueError, match="4 columns into a cache of 3"):
         layer.update(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4))
+
+
+def test_each_piece_gets_the_gradient_of_every_pass_that_read_it() -> None:
+    """By hand: pass i reads pieces 0..i, so with a loss summing every read, piece p's
+    gradient is the number of passes from p on (3, 2, 1), for keys and values alike."""
+    layer = PiecewiseLayer(4)
+    keys = [torch.randn(1, 1, w, 2, requires_grad=True) for w in (2, 1, 1)]
+    values = [torch.randn(1, 1, w, 2, requires_grad=True) for w in (2, 1, 1)]
+    reads = [layer.update(k, v) for k, v in zip(keys, values, strict=True)]
+    sum(k.sum() + 2 * v.sum() for k, v in reads).backward()
+    for readers, key, value in zip((3, 2, 1), keys, values, strict=True):
+        assert torch.equal(key.grad, torch.full_like(key, readers))
+        assert torch.equal(value.grad, torch.full_like(value, 2 * readers))
+
+
+def test_a_pass_that_misses_the_loss_is_an_error() -> None:
+    """A pass whose output is dropped never runs its backward: the pieces it read would wait
+    for it forever, which must fail loudly instead of losing their gradients."""
+    layer = PiecewiseLayer(3)
+    pieces = [torch.randn(1, 1, 1, 2, requires_grad=True) for _ in range(3)]
+    reads = [layer.update(p, p.detach()) for p in pieces]
+    with pytest.raises(RuntimeError, match="does not reach the loss"):
+        (reads[0][0].sum() + reads[2][0].sum()).backward()  # the second pass is dropped
+
+
+def test_the_graph_is_freed_with_the_step() -> None:
+    """Nothing of the cache keeps the autograd graph alive past the step by a reference cycle
+    (a graph kept alive keeps its AccumulateGrad nodes, and a CUDA graph recorded next would
+    then wait on the eager step's stream)."""
+    layer = PiecewiseLayer(3)
+    weight = torch.randn(2, requires_grad=True)
+    piece, read = torch.randn(1, 1, 1, 2) * weight, torch.zeros(())
+    for _ in range(3):  # as in Coconut, each piece is made from the previous pass's read
+        keys = layer.update(piece, piece)[0]
+        piece, read = keys[..., -1:, :] * weight, read + keys.sum()
+    read.backward()
+    del piece, keys
+    bookkeeping = weakref.ref(layer.key_columns.grads)  # alive as long as the graph is
+    gc.disable()
+    try:
+        del layer, read
+        assert bookkeeping() is None
+    finally:
+        gc.enable()

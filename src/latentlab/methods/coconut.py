@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from latentlab.engine.deferred_grads import defer_param_grads
 from latentlab.engine.generation import (
     DecodeState,
     decode_completions,
@@ -104,6 +105,12 @@ class CoconutConfig(MethodConfig):
     pad_to_multiple: int = Field(1, ge=1, description="round the <bot> column and the batch "
                                  "width up to a multiple of this (more padding, fewer batch "
                                  "shapes: train.cuda_graphs then replays more; 64 suits it)")
+    defer_param_grads: Literal["replayed", "always", "never"] = Field(
+        "replayed", description="compute each parameter's gradient once for the n+1 passes "
+        "of a training step instead of once per pass (engine.deferred_grads: the same "
+        "gradients, fewer small kernels). replayed: in steps recorded into CUDA graphs "
+        "(train.cuda_graphs), where it saves GPU time; launched eagerly, its per-operator "
+        "Python costs more host time than it saves (docs/methods/coconut.md)")
     first_stage: int = Field(0, ge=0, description="stage the curriculum starts at: 1 skips "
                              "stage 0 (plain CoT) when model.init_from is already a CoT run, "
                              "as Coconut's GSM8K recipe does")
@@ -276,24 +283,30 @@ class Coconut(Method):
                    else None)
         recording = ids.is_cuda and torch.cuda.is_current_stream_capturing()
         outputs: list[Tensor] = []
-        for j in range(n + 1):
-            # Bounds by arithmetic on `bot` (not a list of them): a traced step keeps `bot`
-            # symbolic, so torch.compile does not recompile for each question length.
-            start = 0 if j == 0 else bot + j
-            end = width if j == n else bot + j + 1
-            chunk = embeds[:, start:end]
-            if j > 0:
-                previous = outputs[-1][:, -1:].to(chunk.dtype)
-                first = torch.where(has_thought >= j, previous, chunk[:, :1])
-                chunk = torch.cat([first, chunk[:, 1:]], dim=1)
-            with (sdpa_kernel(SINGLE_QUERY_BACKENDS, set_priority=True)
-                  if recording and 0 < j < n else contextlib.nullcontext()):
-                out = self.backbone.base_model(inputs_embeds=chunk,
-                                               attention_mask=None if allowed is None
-                                               else allowed[..., start:end, :end],
-                                               position_ids=positions[:, start:end],
-                                               past_key_values=cache, use_cache=True)
-            outputs.append(out.last_hidden_state)
+        # One deferral for the whole step: each parameter's gradient is computed once, after
+        # the backward of its last pass, instead of once per pass (engine.deferred_grads).
+        policy = self.config.defer_param_grads
+        defer = torch.is_grad_enabled() and (policy == "always"
+                                             or (policy == "replayed" and recording))
+        with defer_param_grads(self.backbone) if defer else contextlib.nullcontext():
+            for j in range(n + 1):
+                # Bounds by arithmetic on `bot` (not a list of them): a traced step keeps
+                # `bot` symbolic, so torch.compile does not recompile per question length.
+                start = 0 if j == 0 else bot + j
+                end = width if j == n else bot + j + 1
+                chunk = embeds[:, start:end]
+                if j > 0:
+                    previous = outputs[-1][:, -1:].to(chunk.dtype)
+                    first = torch.where(has_thought >= j, previous, chunk[:, :1])
+                    chunk = first if end - start == 1 else torch.cat([first, chunk[:, 1:]], 1)
+                with (sdpa_kernel(SINGLE_QUERY_BACKENDS, set_priority=True)
+                      if recording and 0 < j < n else contextlib.nullcontext()):
+                    out = self.backbone.base_model(inputs_embeds=chunk,
+                                                   attention_mask=None if allowed is None
+                                                   else allowed[..., start:end, :end],
+                                                   position_ids=positions[:, start:end],
+                                                   past_key_values=cache, use_cache=True)
+                outputs.append(out.last_hidden_state)
         return torch.cat(outputs, dim=1)
 
     # -- inference -------------------------------------------------------------------------

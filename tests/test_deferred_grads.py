@@ -1,0 +1,123 @@
+"""Deferred parameter gradients: the same gradients as autograd's per-call ones, for every
+operator they cover, in any backward order; a call that misses the loss is an error."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from latentlab.backbones import build_backbone, train_tokenizer
+from latentlab.config import ModelConfig
+from latentlab.engine.deferred_grads import defer_param_grads
+from latentlab.engine.piecewise_cache import piecewise_cache
+from latentlab.errors import RunError
+
+
+def param_grads(model: nn.Module, loss_of: Callable[[], Tensor]) -> dict[str, Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss_of().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+def test_pieces_through_a_cache_get_the_gradients_of_per_call_autograd(preset: str) -> None:
+    """GPT-2 covers addmm (Conv1D), layer norms and the position embedding; Qwen-3 F.linear.
+    The passes are not chained, so backward runs them in no fixed order."""
+    tokenizer = train_tokenizer(["a b c d e f g h"] * 20, 300)
+    model = build_backbone(ModelConfig(name=preset), tokenizer, seed=0).eval()
+    embeds = torch.randn(2, 11, model.config.hidden_size)
+    weights = torch.randn(2, 11, model.config.hidden_size)
+    calls: list[int] = []
+
+    def loss(defer: bool) -> Tensor:
+        cache = piecewise_cache(model, 11)
+        outputs = []
+        with defer_param_grads(model) if defer else contextlib.nullcontext() as mode:
+            for start, end in ((0, 6), (6, 7), (7, 8), (8, 11)):
+                outputs.append(model.base_model(
+                    inputs_embeds=embeds[:, start:end], past_key_values=cache,
+                    position_ids=torch.arange(start, end).expand(2, -1),
+                    use_cache=True).last_hidden_state)
+        if mode is not None:
+            calls.extend(group.calls for group in mode.groups.values())
+        return (torch.cat(outputs, dim=1) * weights).sum()
+
+    plain = param_grads(model, lambda: loss(False))
+    deferred = param_grads(model, lambda: loss(True))
+    assert set(calls) == {4} and len(calls) > 2 * model.config.num_hidden_layers  # deferred
+    assert deferred.keys() == plain.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(deferred[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class Tiny(nn.Module):
+    """Every routed operator, each used by three calls of different row counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8, padding_idx=0)
+        self.norm = nn.LayerNorm(8)
+        self.linear = nn.Linear(8, 8)
+        self.conv_weight = nn.Parameter(torch.randn(8, 8))  # GPT-2's Conv1D: b + x @ W
+        self.conv_bias = nn.Parameter(torch.randn(8))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        x = self.linear(self.norm(self.embed(ids)))
+        return torch.addmm(self.conv_bias, x.reshape(-1, 8), self.conv_weight).sum(0)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_every_operator_matches_autograd(autocast: bool) -> None:
+    torch.manual_seed(0)
+    model = Tiny()
+    ids = [torch.tensor([[1, 0, 3]]), torch.tensor([[4]]), torch.tensor([[5, 6], [0, 9]])]
+    target = torch.randn(8)
+
+    def loss(defer: bool) -> Tensor:
+        with (torch.autocast("cpu", torch.bfloat16, enabled=autocast),
+              defer_param_grads(model) if defer else contextlib.nullcontext()):
+            out = sum(model(i) for i in ids)
+        return (out.float() * target).sum()
+
+    plain = param_grads(model, lambda: loss(False))
+    deferred = param_grads(model, lambda: loss(True))
+    assert deferred.keys() == plain.keys() == dict(model.named_parameters()).keys()
+    assert not deferred["embed.weight"][0].any()  # the padding row gets no gradient
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+    for name, grad in plain.items():
+        torch.testing.assert_close(deferred[name], grad, **tolerance, msg=name)
+
+
+def test_retained_graph_runs_backward_again() -> None:
+    model = Tiny()
+    with defer_param_grads(model):
+        loss = sum(model(torch.tensor([[i, i + 1]])) for i in range(3)).sum()
+    loss.backward(retain_graph=True)
+    once = model.linear.weight.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(model.linear.weight.grad, 2 * once)
+
+
+def test_a_call_that_misses_the_loss_is_an_error() -> None:
+    model = Tiny()
+    with defer_param_grads(model):
+        used = model(torch.tensor([[1, 2]]))
+        model(torch.tensor([[3]]))  # never reaches the loss: its backward never runs
+    with pytest.raises(RunError, match="do not reach the loss"):
+        used.sum().backward()
+
+
+def test_no_grad_and_frozen_parameters_run_as_usual() -> None:
+    model = Tiny()
+    model.linear.requires_grad_(False)
+    with defer_param_grads(model) as mode:
+        model(torch.tensor([[1, 2]]))
+        with torch.no_grad():
+            model(torch.tensor([[1, 2]]))
+    assert mode is not None
+    assert {key[0] for key in mode.groups} == {"embedding", "layer_norm", "addmm"}
+    assert all(group.calls == 1 for group in mode.groups.values())
