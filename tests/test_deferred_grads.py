@@ -4,6 +4,8 @@ operator they cover, in any backward order; a call that misses the loss is an er
 from __future__ import annotations
 
 import contextlib
+import gc
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -121,3 +123,29 @@ def test_no_grad_and_frozen_parameters_run_as_usual() -> None:
     assert mode is not None
     assert {key[0] for key in mode.groups} == {"embedding", "layer_norm", "addmm"}
     assert all(group.calls == 1 for group in mode.groups.values())
+
+
+def test_the_graph_is_freed_with_the_step() -> None:
+    """The deferral's bookkeeping holds no tensor of the graph, so no reference cycle keeps
+    the step's graph alive (it would keep AccumulateGrad nodes bound to the eager stream alive
+    into the next CUDA-graph recording)."""
+
+    class Probe:  # held by a deferred node only: alive as long as the graph is
+        def __call__(self, grads: tuple[Tensor, ...]) -> None:
+            return None
+
+    model = Tiny()
+    with defer_param_grads(model):
+        out = model.linear(torch.randn(2, 8))
+        probe = Probe()
+        out.grad_fn.register_prehook(probe)
+        alive = weakref.ref(probe)
+        del probe
+        loss = (model.linear(out) * model.linear(torch.randn(3, 8)).sum()).sum()
+    loss.backward()
+    gc.disable()
+    try:
+        del out, loss
+        assert alive() is None
+    finally:
+        gc.enable()
