@@ -187,11 +187,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Each variant's loss as training computes it: Coconut through the method's step, the
     # others from their hidden states.
     def per_pass_grads(b: dict[str, Any]) -> Tensor:
-        method.config.defer_param_grads = "never"
+        default, method.config.defer_param_grads = method.config.defer_param_grads, "never"
         try:
             return method(b).loss
         finally:
-            method.config.defer_param_grads = "replayed"
+            method.config.defer_param_grads = default
 
     loss_fns: dict[str, Callable[[dict[str, Any]], Tensor]] = {
         "coconut_cached": lambda b: method(b).loss,

@@ -94,9 +94,14 @@ class DeferParamGrads(TorchFunctionMode):
         return tensor.to(dtype)
 
     def check_when_done(self) -> None:
-        """Once per backward pass: when autograd finishes, every group must have completed."""
-        if not self.check_queued:
-            self.check_queued = when_backward_ends(self._check)
+        """Once per backward pass: when autograd finishes, every group must have completed.
+        Not while a CUDA graph records (autograd's end-of-pass callbacks break the recording):
+        `GraphedSteps` runs each step eagerly before recording it, so the check runs there."""
+        if self.check_queued or (torch.cuda.is_available()
+                                 and torch.cuda.is_current_stream_capturing()):
+            return
+        self.check_queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._check)
 
     def _check(self) -> None:
         self.check_queued = False
@@ -132,17 +137,6 @@ def defer_param_grads(model: nn.Module) -> Iterator[DeferParamGrads | None]:
         return
     with DeferParamGrads() as mode:
         yield mode
-
-
-def when_backward_ends(check: Callable[[], None]) -> bool:
-    """Run `check` when the running backward pass ends (from inside it); False where that is
-    not possible: while a CUDA graph records, autograd's end-of-pass callbacks break the
-    recording. `GraphedSteps` runs each step eagerly before recording it, so the checks run
-    there."""
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return False
-    torch.autograd.Variable._execution_engine.queue_callback(check)
-    return True
 
 
 def _trainable(tensor: Any) -> bool:
