@@ -3,9 +3,10 @@
 Training (forward + backward of one batch at the last curriculum stage, `--thoughts` thoughts):
   coconut_cached   `Coconut.forward`: n+1 passes sharing one KV cache (each pass feeds only
                    the new columns; gradients flow through the cache)
-  coconut_per_pass_grads  the same with method.defer_param_grads=never: autograd computes
-                   each parameter's gradient once per pass and adds them up (the default,
-                   `replayed`, defers only with --cuda-graphs; eagerly both are the same)
+  coconut_per_pass_grads  the same with method.defer_shared_grads=never: autograd computes
+                   the gradients of each parameter and of the prefix's keys and values once
+                   per pass and adds them up (the default, `replayed`, defers only with
+                   --cuda-graphs; eagerly both are the same unless --defer-shared-grads always)
   plain_one_pass   one forward/backward over the same tokens (what CoT or pause tokens cost)
   full_recompute   thought j by re-running the whole prefix from scratch, then a full pass (the
                    naive way; quadratic in the number of thoughts)
@@ -155,6 +156,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "no generation): fewer shapes to compile with --compile")
     parser.add_argument("--profile", type=Path,
                         help="directory for a torch.profiler table of each training step")
+    parser.add_argument("--defer-shared-grads", choices=["replayed", "always", "never"],
+                        default="replayed", help="method.defer_shared_grads of the "
+                        "coconut_cached variant")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokenizer = word_tokenizer(args.vocab)
     backbone = build_backbone(ModelConfig(name=args.preset), tokenizer, seed=args.seed)
     config = CoconutConfig(thoughts_per_step=1, max_latent_stage=args.thoughts,
-                           uniform_thoughts=True)
+                           uniform_thoughts=True, defer_shared_grads=args.defer_shared_grads)
     add_special_tokens(tokenizer, backbone, Coconut.special_tokens(config))
     method = Coconut(config, backbone, tokenizer).to(device)
     method.set_stage(args.thoughts)  # the last stage: all steps are thoughts
@@ -187,11 +191,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Each variant's loss as training computes it: Coconut through the method's step, the
     # others from their hidden states.
     def per_pass_grads(b: dict[str, Any]) -> Tensor:
-        default, method.config.defer_param_grads = method.config.defer_param_grads, "never"
+        default, method.config.defer_shared_grads = method.config.defer_shared_grads, "never"
         try:
             return method(b).loss
         finally:
-            method.config.defer_param_grads = default
+            method.config.defer_shared_grads = default
 
     loss_fns: dict[str, Callable[[dict[str, Any]], Tensor]] = {
         "coconut_cached": lambda b: method(b).loss,

@@ -108,7 +108,7 @@ def test_cached_multipass_forward_equals_full_recomputation(
         defer: str) -> None:
     """`defer`: parameter gradients computed once for all passes, or once per pass."""
     method = make(preset, thoughts_per_step=2, max_latent_stage=3,
-                  defer_param_grads=defer).eval()  # eval: no dropout
+                  defer_shared_grads=defer).eval()  # eval: no dropout
     method.set_stage(2)
     features = [method.encode(e) for e in examples]
     assert [f["thoughts"] for f in features] == counts

@@ -168,3 +168,4 @@ def test_a_step_that_syncs_cannot_be_recorded() -> None:
     assert graphs.step(batch, 1.0) is None
     with pytest.raises(RunError, match="cannot be recorded in a CUDA graph"):
         graphs.step(batch, 1.0)
+    torch.rand(1, device="cuda")  # the failed recording left the random state usable

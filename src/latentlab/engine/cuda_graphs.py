@@ -31,6 +31,7 @@ masks as an uninterrupted one.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +122,7 @@ class GraphedSteps:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         graph = torch.cuda.CUDAGraph()
+        recorded = False
         try:
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):  # gradients computed and dropped
@@ -132,6 +134,7 @@ class GraphedSteps:
                                             allow_unused=True)
                 used = [i for i, g in enumerate(grads) if g is not None]
                 torch._foreach_add_([self.grads[i] for i in used], [grads[i] for i in used])
+            recorded = True
         except RuntimeError as exc:
             if "captur" not in str(exc):
                 raise
@@ -140,6 +143,18 @@ class GraphedSteps:
                            f"on the host or changes with the data",
                            fix="set train.cuda_graphs=false") from exc
         finally:
+            if not recorded:
+                _end_random_state_capture(self.device)
             torch.cuda.set_rng_state(rng, self.device)
         return Recording(graph, inputs, out.loss.detach(),
                          {k: v.detach() for k, v in out.metrics.items()}, used)
+
+
+def _end_random_state_capture(device: torch.device) -> None:
+    """After a recording that failed: PyTorch takes the CUDA generator out of its capture state
+    only when a recording ends cleanly, and until then every random draw on the device fails
+    ("Offset increment outside graph capture"). Recording nothing ends it."""
+    with warnings.catch_warnings(), torch.cuda.device(device):
+        warnings.simplefilter("ignore")  # "the CUDA graph is empty"
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pass

@@ -34,6 +34,9 @@ class Assemble(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, buffer: Tensor, end: int, *pieces: Tensor) -> Tensor:
         ctx.widths = [p.shape[-2] for p in pieces]
+        # For `engine.deferred_grads`, which reads them off the output's `grad_fn` (this ctx):
+        # the pieces are inputs, so holding them makes no reference cycle with the graph.
+        ctx.pieces = pieces
         return buffer[..., :end, :]
 
     @staticmethod

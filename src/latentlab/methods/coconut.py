@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from latentlab.engine.deferred_grads import defer_param_grads
+from latentlab.engine.deferred_grads import defer_shared_grads
 from latentlab.engine.generation import (
     DecodeState,
     decode_completions,
@@ -66,7 +66,8 @@ from latentlab.tasks.base import Example
 BOT, EOT, THOUGHT = "<bot>", "<eot>", "<thought>"
 STAGE_KEY = "latent_stage"  # entry of method.safetensors holding the exported model's stage
 
-# SDPA backends for the single-column thought passes while a CUDA graph records the step, in
+# SDPA backends for the single-column thought passes while a CUDA graph records the step
+# without deferred gradients (deferred, those passes' attention is `DeferredPrefixAttention`), in
 # order of preference. For one query row over 357 keys, cuDNN's kernel takes 60% of flash's time
 # once replayed (forward and backward, H100: 105 against 166 us; H200: 90 against 151), but
 # launched eagerly its host-side setup can cost more than that (H200: 505 against 232 us).
@@ -105,12 +106,13 @@ class CoconutConfig(MethodConfig):
     pad_to_multiple: int = Field(1, ge=1, description="round the <bot> column and the batch "
                                  "width up to a multiple of this (more padding, fewer batch "
                                  "shapes: train.cuda_graphs then replays more; 64 suits it)")
-    defer_param_grads: Literal["replayed", "always", "never"] = Field(
-        "replayed", description="compute each parameter's gradient once for the n+1 passes "
-        "of a training step instead of once per pass (engine.deferred_grads: the same "
-        "gradients, fewer small kernels). replayed: in steps recorded into CUDA graphs "
-        "(train.cuda_graphs), where it saves GPU time; launched eagerly, its per-operator "
-        "Python costs more host time than it saves (docs/methods/coconut.md)")
+    defer_shared_grads: Literal["replayed", "always", "never"] = Field(
+        "replayed", description="compute the gradients of what the n+1 passes of a training "
+        "step share (every parameter; the prefix's cached keys and values, which the thought "
+        "passes attend to) once per step instead of once per pass (engine.deferred_grads: "
+        "the same gradients, fewer and smaller kernels). replayed: in steps recorded into CUDA "
+        "graphs (train.cuda_graphs), where it saves GPU time; launched eagerly, its "
+        "per-operator Python costs more host time than it saves (docs/methods/coconut.md)")
     first_stage: int = Field(0, ge=0, description="stage the curriculum starts at: 1 skips "
                              "stage 0 (plain CoT) when model.init_from is already a CoT run, "
                              "as Coconut's GSM8K recipe does")
@@ -283,12 +285,13 @@ class Coconut(Method):
                    else None)
         recording = ids.is_cuda and torch.cuda.is_current_stream_capturing()
         outputs: list[Tensor] = []
-        # One deferral for the whole step: each parameter's gradient is computed once, after
-        # the backward of its last pass, instead of once per pass (engine.deferred_grads).
-        policy = self.config.defer_param_grads
+        # One deferral for the whole step: the gradients of each parameter and of the prefix's
+        # keys and values are computed once, after the backward of the last pass that used
+        # them, instead of once per pass (engine.deferred_grads).
+        policy = self.config.defer_shared_grads
         defer = torch.is_grad_enabled() and (policy == "always"
                                              or (policy == "replayed" and recording))
-        with defer_param_grads(self.backbone) if defer else contextlib.nullcontext():
+        with defer_shared_grads(self.backbone) if defer else contextlib.nullcontext():
             for j in range(n + 1):
                 # Bounds by arithmetic on `bot` (not a list of them): a traced step keeps
                 # `bot` symbolic, so torch.compile does not recompile per question length.
