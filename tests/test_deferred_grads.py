@@ -1,5 +1,6 @@
-"""Deferred parameter gradients: the same gradients as autograd's per-call ones, for every
-operator they cover, in any backward order; a call that misses the loss is an error."""
+"""Deferred shared gradients (parameters, a cached prefix's keys and values): the same
+gradients as autograd's per-call ones, for every operator they cover, in any backward order; a
+call that misses the loss is an error."""
 
 from __future__ import annotations
 
