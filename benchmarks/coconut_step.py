@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     method.eval()
     with torch.no_grad(), autocast():
         check = {n: float(fn(batch)) for n, fn in loss_fns.items()
-             if n not in ("plain_one_pass", "coconut_per_pass_grads")}
+                 if n not in ("plain_one_pass", "coconut_per_pass_grads")}
     generation: dict[str, Any] = {}
     if not args.quick:  # --quick: training only
         cot = CoT(CoTConfig(), backbone, tokenizer).eval()

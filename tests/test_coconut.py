@@ -106,7 +106,8 @@ SAME_QUESTION = [Example(EXAMPLES[0].question, EXAMPLES[0].steps[:k], "4*2+9-8")
 def test_cached_multipass_forward_equals_full_recomputation(
         preset: str, examples: list[Example], counts: list[int], left_padded: bool,
         defer: str) -> None:
-    """`defer`: parameter gradients computed once for all passes, or once per pass."""
+    """`defer`: shared gradients (parameters, the prefix's keys and values) computed once for
+    all passes, or once per pass."""
     method = make(preset, thoughts_per_step=2, max_latent_stage=3,
                   defer_shared_grads=defer).eval()  # eval: no dropout
     method.set_stage(2)

@@ -64,7 +64,6 @@ class TrainConfig(Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="'auto': bf16 on a GPU that supports it, float32 on CPU")
     eval_every: int = Field(0, ge=0, description="steps between validations; 0: each epoch")
-
     eval_samples: int | None = Field(200, ge=1, description="validation examples scored "
                                      "during training (None: all)")
     save_every: int = Field(0, ge=0, description="steps between resumable checkpoints; "

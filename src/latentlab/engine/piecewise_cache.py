@@ -33,15 +33,15 @@ class Assemble(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, buffer: Tensor, end: int, *pieces: Tensor) -> Tensor:
-        ctx.widths = [p.shape[-2] for p in pieces]
-        # For `engine.deferred_grads`, which reads them off the output's `grad_fn` (this ctx):
-        # the pieces are inputs, so holding them makes no reference cycle with the graph.
+        # Kept for the backward's widths and for `engine.deferred_grads`, which reads them off
+        # the output's `grad_fn` (this ctx): the pieces are inputs, so holding them makes no
+        # reference cycle with the graph.
         ctx.pieces = pieces
         return buffer[..., :end, :]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        return None, None, *grad.split(ctx.widths, dim=-2)
+        return None, None, *grad.split([p.shape[-2] for p in ctx.pieces], dim=-2)
 
 
 class PiecewiseLayer(DynamicLayer):
