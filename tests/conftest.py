@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from latentlab.engine.trainer import WALL_CLOCK_KEYS
 from latentlab.tasks.base import resolve_path
 
 
@@ -55,9 +56,9 @@ class FinishedRun:
 
 
 def metric_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl without its wall-clock figure (tokens_per_s)."""
+    """metrics.jsonl without its wall-clock figures, which differ between any two runs."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in WALL_CLOCK_KEYS} for row in rows]
 
 
 @pytest.fixture(scope="session")

@@ -243,8 +243,9 @@ class Toy(nn.Module):
 STAGES = [Stage("plain", 2), Stage("shifted", 2, reset_optimizer=True)]
 
 
-def toy_data(stage: int) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(stage)
+def toy_data(stage: int, epoch: int) -> list[dict[str, torch.Tensor]]:
+    """Fresh examples every epoch, as a streamed task gives."""
+    gen = torch.Generator().manual_seed(100 * stage + epoch)
     x = torch.randn(10, 4, generator=gen)
     y = x.sum(-1) + 3.0 * stage
     return [{"x": x[i], "y": y[i]} for i in range(10)]

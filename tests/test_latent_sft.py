@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_training import final_weights, tiny, train_rows
+from conftest import metric_rows
+from test_training import final_weights, tiny
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedTokenizerFast
@@ -699,8 +700,8 @@ def test_latent_phase_resumes_exactly_with_its_gumbel_noise(tmp_path: Path) -> N
     train(tiny(interrupted, *options), resume=True)
     a, b = final_weights(straight), final_weights(interrupted)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert train_rows(straight) == train_rows(interrupted)
-    assert {r["stage"] for r in train_rows(straight) if "loss" in r} == {0, 1}
+    assert metric_rows(straight) == metric_rows(interrupted)
+    assert {r["stage"] for r in metric_rows(straight) if "loss" in r} == {0, 1}
 
 
 def latent_method_from_run(run_dir: Path) -> LatentSFT:

@@ -44,6 +44,45 @@ def test_question_loss_labels_every_token() -> None:
         assert f["labels"] == f["input_ids"]
 
 
+@pytest.mark.parametrize("question_weight", [0.0, 0.3])
+def test_per_part_losses_add_up_to_the_total_on_a_hand_made_batch(
+        question_weight: float) -> None:
+    cot = make(CoT, CoTConfig(question_loss=question_weight)).eval()
+    features = [cot.encode(e) for e in EXAMPLES]
+    with torch.no_grad():
+        out = cot(cot.collate(features))
+        # Independent reference: each example alone, full logits, the parts cut by hand from
+        # the token counts of question, steps and answer.
+        nll: dict[str, list[float]] = {"question": [], "steps": [], "answer": []}
+        hits: dict[str, list[bool]] = {"question": [], "steps": [], "answer": []}
+        for e, f in zip(EXAMPLES, features, strict=True):
+            ids = torch.tensor([f["input_ids"]])
+            logits = cot.backbone(input_ids=ids).logits[0, :-1]
+            n_q = len(cot.prompt_ids(e))
+            n_s = len(cot.tokens("".join(step + "\n" for step in e.steps)))
+            losses = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+            right = logits.argmax(-1) == ids[0, 1:]
+            # Position t predicts token t+1: the question's tokens 1.., then steps, answer.
+            for part, span in (("question", range(0, n_q - 1)),
+                               ("steps", range(n_q - 1, n_q - 1 + n_s)),
+                               ("answer", range(n_q - 1 + n_s, ids.shape[1] - 1))):
+                nll[part] += losses[list(span)].tolist()
+                hits[part] += right[list(span)].tolist()
+    parts = ("question", "steps", "answer") if question_weight else ("steps", "answer")
+    assert set(out.metrics) == {f"{kind}_{p}" for p in parts for kind in ("loss", "acc")}
+    for part in parts:
+        assert out.metrics[f"loss_{part}"].item() == pytest.approx(
+            sum(nll[part]) / len(nll[part]), rel=1e-5)
+        assert out.metrics[f"acc_{part}"].item() == pytest.approx(
+            sum(hits[part]) / len(hits[part]))
+    # The total: the token-weighted mean over steps and answer, plus the weighted question mean.
+    n_s, n_a = len(nll["steps"]), len(nll["answer"])
+    total = (n_s * out.metrics["loss_steps"] + n_a * out.metrics["loss_answer"]) / (n_s + n_a)
+    if question_weight:
+        total = total + question_weight * out.metrics["loss_question"]
+    assert out.loss.item() == pytest.approx(total.item(), rel=1e-6)
+
+
 def test_label_index_by_hand_and_lm_loss_without_it() -> None:
     x = IGNORE
     labels = torch.tensor([[x, x, 5, 6],

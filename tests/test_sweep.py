@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import metric_rows
 
 from latentlab.config import load_config
 from latentlab.engine.trainer import Interrupted
@@ -52,11 +53,6 @@ def write_sweep(path: Path, data: dict[str, Any]) -> Path:
 
 def statuses(out: Path) -> dict[str, dict[str, Any]]:
     return {j["name"]: j for j in json.loads((out / STATUS_FILE).read_text())["jobs"]}
-
-
-def train_rows(run_dir: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # wall clock
 
 
 def test_tiny_sweep_plan_shares_the_base_and_applies_n_l_to_soft_only(tmp_path: Path) -> None:
@@ -196,7 +192,7 @@ def test_sweep_skips_finished_runs_resumes_stopped_ones_and_reports_failures(
     # A job stopped mid-training (a checkpoint at step 2 of 4, no final scores) is not
     # finished: the sweep resumes it, and it ends as the uninterrupted run did.
     job = next(j for j in load_sweep(sweep, out_dir=out).jobs if j.name == "nocot-s1")
-    uninterrupted = train_rows(job.run_dir)
+    uninterrupted = metric_rows(job.run_dir)
     for path in sorted(job.run_dir.rglob("*"), reverse=True):
         path.unlink() if path.is_file() else path.rmdir()
     train(load_config(base=job.config.model_dump(), overrides=["train.stop_after=2"]))
@@ -205,7 +201,7 @@ def test_sweep_skips_finished_runs_resumes_stopped_ones_and_reports_failures(
     status = statuses(out)
     assert status["nocot-s1"]["status"] == "resumed"
     assert all(status[n]["status"] == "already_done" for n in TINY_JOBS if n != "nocot-s1")
-    assert is_finished(job.run_dir) and train_rows(job.run_dir) == uninterrupted
+    assert is_finished(job.run_dir) and metric_rows(job.run_dir) == uninterrupted
 
     # A finished run whose config is not the job's any more is reported, not passed off.
     run_sweep(sweep, ["train.lr=0.001"], out_dir=out)

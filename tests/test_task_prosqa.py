@@ -11,7 +11,14 @@ import pytest
 from latentlab.errors import DataError
 from latentlab.tasks import Example
 from latentlab.tasks.base import write_jsonl
-from latentlab.tasks.prosqa import CONCEPTS, PERSONS, ProsQAConfig, ProsQATask
+from latentlab.tasks.prosqa import (
+    COCONUT_CONCEPTS,
+    COCONUT_PERSONS,
+    CONCEPTS,
+    PERSONS,
+    ProsQAConfig,
+    ProsQATask,
+)
 
 COCONUT_KEYS = ["question", "answer", "steps", "idx_to_symbol", "edges", "root", "target",
                 "neg_target"]
@@ -85,13 +92,49 @@ def test_generated_graphs() -> None:
     assert firsts == {True, False}
 
 
-def test_names_vary_beyond_coconut(valid: list[Example]) -> None:
+def test_grammar_names_vary_beyond_coconut(valid: list[Example]) -> None:
     coconut = {n for e in valid for n in e.meta["idx_to_symbol"]}
     assert coconut <= set(CONCEPTS) | set(PERSONS)  # the grammar can make all of them
-    generated = {n for e in task().generate("train", 100, seed=1) for n in e.meta["idx_to_symbol"]}
+    generated = {n for e in task(names="grammar").generate("train", 100, seed=1)
+                 for n in e.meta["idx_to_symbol"]}
     new = generated - coconut
     assert len(new) > 300
     assert all(re.fullmatch(r"[a-z]+pus", n) for n in new if n[0].islower())
+
+
+def test_coconut_names_are_those_of_coconut_files(valid: list[Example]) -> None:
+    official = {n for e in valid for n in e.meta["idx_to_symbol"]}
+    assert official == set(COCONUT_CONCEPTS) | set(COCONUT_PERSONS)
+    generated = {n for e in task().generate("train", 300, seed=1)
+                 for n in e.meta["idx_to_symbol"]}
+    assert generated == official  # 300 graphs use every name of the set, and no other
+
+
+def test_a_name_set_too_small_for_the_graphs_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_concepts is above the 38 concept names"):
+        ProsQAConfig(max_concepts=39, min_concepts=15)
+    ProsQAConfig(names="grammar", max_concepts=39)
+    with pytest.raises(ValueError, match="max_persons is above the 17 person names"):
+        ProsQAConfig(max_persons=18)
+
+
+def test_step_metrics_on_hand_made_chains() -> None:
+    # Tom -> wumpus -> yumpus -> zumpus; Tom -> rompus; Bob -> impus.
+    names = ["Tom", "Bob", "wumpus", "yumpus", "zumpus", "rompus", "impus"]
+    meta = {"idx_to_symbol": names, "edges": [[0, 2], [2, 3], [3, 4], [0, 5], [1, 6]],
+            "root": 0, "target": 4, "neg_target": 6}
+    example = Example("...", ("Tom is a wumpus.", "Every wumpus is a yumpus.",
+                              "Every yumpus is a zumpus."), "Tom is a zumpus.", meta)
+    metrics = task().step_metrics
+    assert metrics(list(example.steps), example) == {"step_edges": 1.0, "path_valid": 1.0}
+    # Real edges, but not a path from Tom: the second does not continue the first.
+    assert metrics(["Tom is a rompus.", "Every yumpus is a zumpus."], example) == {
+        "step_edges": 1.0, "path_valid": 0.0}
+    # One invented edge of three (case and spacing are forgiven, as in scoring).
+    assert metrics(["tom is a wumpus", "Every wumpus is a  zumpus.", "Every wumpus is a yumpus."],
+                   example) == {"step_edges": pytest.approx(2 / 3), "path_valid": 0.0}
+    assert metrics(["Bob is a impus."], example) == {"step_edges": 1.0, "path_valid": 0.0}
+    assert metrics([], example) == {}
 
 
 def test_statistics_are_close_to_coconut(valid: list[Example]) -> None:

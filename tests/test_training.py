@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import metric_rows
 from safetensors.torch import load_file
 
 from latentlab.cli import main
@@ -28,13 +29,6 @@ def tiny(tmp_path: Path, *overrides: str):
     return load_config(base=TINY, overrides=[f"out_dir={tmp_path}", *overrides])
 
 
-def train_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:  # wall-clock figures differ between any two runs
-        row.pop("tokens_per_s", None)
-    return rows
-
-
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     return load_file(run_dir / "checkpoints" / latest / "model.safetensors")
@@ -43,7 +37,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_loss_falls_on_a_tiny_run(tmp_path: Path) -> None:
     train(tiny(tmp_path, "train.max_steps=60", "train.eval_every=60", "task.n_train=200"))
-    losses = [r["loss"] for r in train_rows(tmp_path) if "loss" in r]
+    losses = [r["loss"] for r in metric_rows(tmp_path) if "loss" in r]
     assert len(losses) == 60
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
@@ -61,7 +55,7 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path: Path, meth
     a, b = final_weights(straight), final_weights(interrupted)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert train_rows(straight) == train_rows(interrupted)
+    assert metric_rows(straight) == metric_rows(interrupted)
     assert (json.loads((straight / "results.json").read_text())["test"]
             == json.loads((interrupted / "results.json").read_text())["test"])
 

@@ -53,6 +53,12 @@ class TrainConfig(Section):
     epochs: int = Field(10, ge=1, description="passes over the training split")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; ends training "
                                   "early if the epochs would take more (never extends them)")
+    max_time: float | None = Field(
+        None, gt=0, description="minutes of training (steps, validations, checkpoints; carried "
+        "over a resume): the speed is measured over the first steps and the schedule (warm-up, "
+        "cosine) laid out over the steps that fit, re-planned after each validation; the "
+        "epochs and max_steps stay upper bounds. The planned count is logged "
+        "(`planned_steps` in metrics.jsonl): train.max_steps=N repeats it exactly")
     batch_size: int = Field(32, ge=1, description="examples per device per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     lr: float = Field(1e-4, gt=0)
@@ -72,6 +78,9 @@ class TrainConfig(Section):
                                    "optimizer steps with a checkpoint (for time-limited jobs); "
                                    "`--resume` continues")
     log_every: int = Field(10, ge=1)
+    data_workers: int | None = Field(
+        None, ge=0, description="processes that generate and collate batches ahead of the "
+        "step (None: up to 4 on a GPU, 0 on a CPU, where the cores train)")
     max_length: int = Field(1024, ge=8, description="longest training sequence in tokens")
     seed: int = 0
     on_nonfinite: Literal["stop", "skip"] = Field(

@@ -80,7 +80,7 @@ def run_demo(methods: list[str] | None = None, out: Path | None = None,
         if name == "latent_sft":
             overrides.append(f"method.encoder_from={out / UPSTREAM[name]}")
         if steps and name not in CURRICULUM:
-            overrides.append(f"train.max_steps={steps}")
+            overrides += [f"train.max_steps={steps}", f"train.warmup_steps={steps // 2}"]
         config = load_config(base=DEMO_BASE, overrides=overrides)
         start = time.perf_counter()
         results = train(config)

@@ -43,8 +43,8 @@ RESULTS_FILE = "results.json"
 # Config keys that never make runs different experiments: where a run lives, its seed, how it
 # was stopped or scored (and, see `_ignored`, the runs it started from).
 IGNORED_KEYS = frozenset({"out_dir", "train.seed", "train.stop_after", "train.on_nonfinite",
-                          "train.max_skipped_steps", "model.compile", "eval.splits",
-                          "eval.batch_size"})
+                          "train.max_skipped_steps", "model.compile", "train.cuda_graphs",
+                          "train.data_workers", "eval.splits", "eval.batch_size"})
 # Keys every figure reads by name; the other keys that vary across runs form a group's variant.
 AXIS_KEYS = frozenset({"task.name", "task.operands", "method.name", "method.latent_budget"})
 TITLE_WIDTH = 45  # characters per line of a panel title (long variants wrap)

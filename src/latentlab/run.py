@@ -14,12 +14,12 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -40,7 +40,13 @@ from latentlab.engine.checkpoint import atomic_write_text, existing_dir, replace
 from latentlab.engine.trainer import Trainer
 from latentlab.errors import ConfigError, DataError, RunError
 from latentlab.methods import METHODS, Method
-from latentlab.methods.base import answer_text, extract_answer, prompt_text, steps_text
+from latentlab.methods.base import (
+    answer_text,
+    extract_answer,
+    extract_steps,
+    prompt_text,
+    steps_text,
+)
 from latentlab.tasks import build_task
 from latentlab.tasks.base import Example, Split, Task, resolve_path
 from latentlab.tasks.text import TextTask
@@ -50,11 +56,14 @@ CONFIG_FILE = "config.yaml"
 # holding any of them but no config.yaml is not a run, and is refused rather than overwritten.
 RUN_ENTRIES = ("checkpoints", "best", "metrics.jsonl", "results.json", "environment.json")
 # Keys a `--resume` may change: where this invocation ends, how NaNs are handled from now on
-# (a run stopped by one continues with `train.on_nonfinite=skip`), whether the model runs
-# compiled. `out_dir` may change too: a run directory can be moved.
+# (a run stopped by one continues with `train.on_nonfinite=skip`), how the model runs
+# (compiled, replayed from CUDA graphs) and how many processes prepare its batches. `out_dir`
+# may change too: a run directory can be moved.
 RESUMABLE_CHANGES = ("train.stop_after", "train.on_nonfinite", "train.max_skipped_steps",
-                     "model.compile", "train.cuda_graphs")
+                     "model.compile", "train.cuda_graphs", "train.data_workers")
 TOKENIZER_DOCUMENTS = 200  # documents a text run trains its tokenizer on
+TOKENIZER_EXAMPLES = 5_000  # streamed examples a reasoning run trains its tokenizer on
+STREAM_ATTEMPTS = 100  # draws per streamed example before every draw is called too long
 
 
 def make_accelerator(mixed_precision: str, find_unused_parameters: bool = False) -> Accelerator:
@@ -86,7 +95,12 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         valid_data = task.windows("valid", method.tokenizer)
         encode: Any = method.encode_text
     else:
-        train_data, valid_data = task.load("train"), task.load("valid")
+        if config.task.stream and not task.generates:
+            raise ConfigError(f"task.stream needs generated data; task {task.name!r} only "
+                              "reads files", fix="set task.stream=false")
+        train_data = (StreamedEpoch(task, 0, TOKENIZER_EXAMPLES) if config.task.stream
+                      else task.load("train"))
+        valid_data = task.load("valid")
         texts = (prompt_text(e) + steps_text(e.steps) + answer_text(e) for e in train_data)
         method = build_method(config, texts, run_dir)
         encode = method.encode
@@ -103,21 +117,31 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
 
     n_params = count_parameters(method)
     n_trainable = count_parameters(method, trainable_only=True)
+    n_train = config.task.n_train if config.task.stream else len(train_data)
     acc.print(f"[latentlab] {config.method.name} on {config.task.name}: {n_params:,} parameters "
-              f"({n_trainable:,} trained), {len(train_data):,} train / {len(valid_data):,} "
-              f"valid {'windows' if text else 'examples'}, run directory {run_dir}")
+              f"({n_trainable:,} trained), {n_train:,} "
+              f"{'fresh streamed examples per epoch' if config.task.stream else 'train'} / "
+              f"{len(valid_data):,} valid {'windows' if text else 'examples'}, "
+              f"run directory {run_dir}")
+    stages = method.stages(config.train.epochs)
+    fixed: dict[int, list[dict[str, Any]]] = {}  # a fixed list's features, per stage
 
-    def prepare(stage: int) -> list[dict[str, Any]]:
-        features = [encode(e) for e in train_data]
-        kept = [f for f in features if sum(len(v) for k, v in f.items()
-                                           if k.endswith("ids")) <= config.train.max_length]
-        if not kept:
-            raise DataError(f"every training example is longer than train.max_length="
-                            f"{config.train.max_length} tokens", fix="raise train.max_length")
-        if len(kept) < len(features):
-            acc.print(f"[latentlab] stage {stage}: skipped {len(features) - len(kept)} examples "
-                      f"longer than train.max_length={config.train.max_length}")
-        return kept
+    def prepare(stage: int, epoch: int) -> Sequence[dict[str, Any]]:
+        if config.task.stream:
+            run_epoch = sum(s.epochs for s in stages[:stage]) + epoch
+            return StreamedEpoch(task, run_epoch, n_train, encode, config.train.max_length)
+        if stage not in fixed:
+            fixed.clear()
+            features = [encode(e) for e in train_data]
+            kept = [f for f in features if feature_length(f) <= config.train.max_length]
+            if not kept:
+                raise DataError(f"every training example is longer than train.max_length="
+                                f"{config.train.max_length} tokens", fix="raise train.max_length")
+            if len(kept) < len(features):
+                acc.print(f"[latentlab] stage {stage}: skipped {len(features) - len(kept)} "
+                          f"examples longer than train.max_length={config.train.max_length}")
+            fixed[stage] = kept
+        return fixed[stage]
 
     eval_subset = valid_data[: config.train.eval_samples]
 
@@ -129,8 +153,7 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     trainer = Trainer(method, config.train, run_dir, acc, method.collate, validate,
                       select_metric="perplexity" if text else "accuracy",
                       select_mode="min" if text else "max")
-    stages = method.stages(config.train.epochs)
-    state = trainer.fit(stages, prepare, num_examples=len(train_data), resume=resume,
+    state = trainer.fit(stages, prepare, num_examples=n_train, resume=resume,
                         on_start=record_run)
     if not state.done:  # stopped early (train.stop_after): no final scores yet
         acc.print(f"[latentlab] stopped at step {state.step}; continue with --resume")
@@ -156,6 +179,47 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     if acc.is_main_process:
         atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1))
     return results
+
+
+def feature_length(features: dict[str, Any]) -> int:
+    """Tokens of an encoded example (all its id sequences), as `train.max_length` counts."""
+    return sum(len(v) for k, v in features.items() if k.endswith("ids"))
+
+
+class StreamedEpoch(Sequence[Any]):
+    """One epoch of a streamed task (`task.stream`): item i is the task's example i of that
+    epoch, encoded when `encode` is given. An example longer than `max_length` is replaced by
+    another draw for the same index, so every epoch has `n` examples and every run the same."""
+
+    def __init__(self, task: Task, epoch: int, n: int,
+                 encode: Callable[[Example], dict[str, Any]] | None = None,
+                 max_length: int | None = None) -> None:
+        self.task, self.epoch, self.n = task, epoch, n
+        self.encode, self.max_length = encode, max_length
+
+    def __len__(self) -> int:
+        return self.n
+
+    @overload
+    def __getitem__(self, index: int) -> Any: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Any]: ...
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.n))]
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        for attempt in range(STREAM_ATTEMPTS):
+            example = self.task.streamed(self.epoch, index, attempt)
+            if self.encode is None:
+                return example
+            features = self.encode(example)
+            if self.max_length is None or feature_length(features) <= self.max_length:
+                return features
+        raise DataError(f"{STREAM_ATTEMPTS} streamed examples in a row are longer than "
+                        f"train.max_length={self.max_length} tokens",
+                        fix="raise train.max_length or generate smaller examples")
 
 
 @torch.no_grad()
@@ -282,7 +346,8 @@ def evaluate(method: Method, task: Task, examples: list[Example], eval_config: A
             answer = extract_answer(completion)
             row = {"index": i, "question": examples[i].question, "gold": examples[i].answer,
                    "completion": completion, "prediction": answer,
-                   "correct": task.score(answer, examples[i])}
+                   "correct": task.score(answer, examples[i]),
+                   **task.step_metrics(extract_steps(completion), examples[i])}
             if n_steps is not None:
                 row["latent_steps"] = n_steps
             rows.append(row)
@@ -294,8 +359,13 @@ def evaluate(method: Method, task: Task, examples: list[Example], eval_config: A
     n = len(rows)
     accuracy = sum(r["correct"] for r in rows) / n if n else 0.0
     metrics: dict[str, float] = {"accuracy": accuracy, "n": n}
-    if rows and "latent_steps" in rows[0]:  # Latent-SFT's #L (mean latent steps)
-        metrics["latent_steps"] = sum(r["latent_steps"] for r in rows) / n
+    # Per-row numbers (Latent-SFT's #L, a task's step metrics), averaged over the rows that
+    # have them: a model that wrote no steps has no step metrics.
+    names = sorted({k for r in rows for k in r} - {"index", "question", "gold", "completion",
+                                                    "prediction", "correct"})
+    for name in names:
+        values = [r[name] for r in rows if name in r]
+        metrics[name] = sum(values) / len(values)
     return metrics, rows
 
 
@@ -332,8 +402,7 @@ def evaluate_run(run_dir: Path, split: Split = "test", data: Path | None = None,
     if acc.is_main_process:
         write_predictions(run_dir / f"predictions-{name}.jsonl", rows)
     return {"task": config.task.name, "method": config.method.name, "split": split,
-            "data": str(data) if data else None, "n": metrics["n"],
-            "accuracy": metrics["accuracy"], "run_dir": str(run_dir)}
+            "data": str(data) if data else None, **metrics, "run_dir": str(run_dir)}
 
 
 def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -3,16 +3,19 @@
 What it drives is any `nn.Module` that
 - maps a batch (a dict from `collate`) to a `StepOutput` in `forward`,
 - has `set_stage(index)` (curriculum) and `save_pretrained(path)` (export of the best model).
-Data arrives per stage from a `prepare(stage_index)` callback; validation is an `evaluate(step)`
-callback returning numbers, and the best model is chosen on `select_metric`.
+Data arrives per epoch from a `prepare(stage_index, epoch)` callback (the same list every
+epoch, or fresh streamed examples); validation is an `evaluate(step)` callback returning
+numbers, and the best model is chosen on `select_metric`.
 
 Accelerate handles devices, DDP and mixed precision. The loop itself is explicit: a seeded
 permutation per epoch, global batches split across processes and then into micro-batches for
-gradient accumulation, AdamW, warmup + cosine, clipping, JSONL metrics, periodic validation,
-atomic resumable checkpoints. A resumed run continues with the same data order, RNG states,
-optimizer and scheduler, so it reaches the weights of an uninterrupted run. A NaN/Inf step
-stops the run or is skipped (`train.on_nonfinite`); SIGTERM/SIGINT save a checkpoint, then stop
-(docs/reliability.md).
+gradient accumulation, collated in DataLoader workers and pinned ahead of the step, AdamW
+(fused on GPUs), warmup + cosine, clipping, JSONL metrics, periodic validation, atomic
+resumable checkpoints. A resumed run continues with the same data order, RNG states, optimizer
+and scheduler, so it reaches the weights of an uninterrupted run. With a time budget
+(`train.max_time`) the schedule is laid out over the steps the measured speed allows. A NaN/Inf
+step stops the run or is skipped (`train.on_nonfinite`); SIGTERM/SIGINT save a checkpoint, then
+stop (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -31,8 +35,9 @@ from typing import Any, NamedTuple
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from latentlab.config import TrainConfig
 from latentlab.engine.checkpoint import CheckpointManager
@@ -57,8 +62,15 @@ class TrainerState:
     # resumed run logs the same averages as an uninterrupted one.
     loss_sum: float = 0.0
     loss_steps: int = 0
-    # Sums of the method's own step metrics (StepOutput.metrics) since the last log row.
+    # Sums of the method's own step metrics (StepOutput.metrics) since the last log row, and
+    # how many steps reported each (a part of the sequence may be absent from some batches).
     metric_sums: dict[str, float] = field(default_factory=dict)
+    metric_counts: dict[str, int] = field(default_factory=dict)
+    # Time budget (train.max_time): seconds spent in the training loop so far (steps,
+    # validations, checkpoints; carried over a resume), and the step count the schedule is
+    # laid out over once the speed is measured (None before that, or without a budget).
+    train_seconds: float = 0.0
+    planned_steps: int | None = None
 
 
 class StepResult(NamedTuple):
@@ -72,6 +84,56 @@ class StepResult(NamedTuple):
 
 class Interrupted(RunError):
     """A signal stopped training; a checkpoint was saved first."""
+
+
+# Entries of metrics.jsonl rows that measure wall-clock time: they differ between any two runs,
+# all the others are reproducible.
+WALL_CLOCK_KEYS = frozenset({"tokens_per_s", "train_seconds", "seconds_per_step"})
+# Time budget: the first steps of an invocation (compilation, autotuning, the first batches)
+# are left out of the speed that lays out the schedule, which is measured over at least
+# PLAN_AFTER_STEPS further steps and PLAN_AFTER_SECONDS.
+WARM_STEPS = 10
+PLAN_AFTER_STEPS = 20
+PLAN_AFTER_SECONDS = 10.0
+
+
+class Schedule:
+    """The learning-rate factor at a step: linear warm-up, then cosine decay to zero at
+    `total` steps (or constant). `total` may be set later (a time budget's plan); a
+    `LambdaLR` over it then follows the new layout from the next step."""
+
+    def __init__(self, kind: str, warmup: int, total: int) -> None:
+        self.kind, self.warmup, self.total = kind, warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return step / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class StepBatches(Dataset):
+    """Item b: this process's micro-batches of global batch b, collated (run in DataLoader
+    workers, so that collation overlaps the previous step)."""
+
+    def __init__(self, data: Sequence[Any], batches: list[list[int]], rank: int, world: int,
+                 size: int, collate: Callable[[list[Any]], dict[str, Any]]) -> None:
+        self.data, self.batches, self.collate = data, batches, collate
+        self.rank, self.world, self.size = rank, world, size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int) -> list[dict[str, Any]]:
+        shard = self.batches[b][self.rank::self.world]
+        return [self.collate([self.data[i] for i in shard[j:j + self.size]])
+                for j in range(0, len(shard), self.size)]
+
+
+def _as_is(item: Any) -> Any:
+    return item
 
 
 class Trainer:
@@ -96,22 +158,26 @@ class Trainer:
         self.graphs: GraphedSteps | None = None
 
     # ------------------------------------------------------------------------------------
-    def fit(self, stages: Sequence[Stage], prepare: Callable[[int], Sequence[Any]],
+    def fit(self, stages: Sequence[Stage], prepare: Callable[[int, int], Sequence[Any]],
             num_examples: int, resume: bool = False,
             on_start: Callable[[], None] | None = None) -> TrainerState:
-        """Train through `stages`, from the latest checkpoint if `resume`. `on_start` is called
-        once, right before the first step, when everything that can fail at the start (data,
-        a damaged checkpoint) has passed."""
+        """Train through `stages`, from the latest checkpoint if `resume`. `prepare(stage,
+        epoch)` gives an epoch's examples (`num_examples` of them). `on_start` is called once,
+        right before the first step, when everything that can fail at the start (data, a
+        damaged checkpoint) has passed."""
         cfg = self.config
         self.stages = stages
         global_batch = cfg.batch_size * cfg.grad_accum * self.acc.num_processes
         steps_per_epoch = math.ceil(num_examples / global_batch)
         total = cfg.max_steps or sum(s.epochs for s in stages) * steps_per_epoch
-        optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, betas=cfg.betas)
-        make_schedule = (get_cosine_schedule_with_warmup if cfg.schedule == "cosine"
-                         else get_constant_schedule_with_warmup)
-        kwargs = {"num_training_steps": total} if cfg.schedule == "cosine" else {}
-        scheduler = make_schedule(optimizer, num_warmup_steps=cfg.warmup_steps, **kwargs)
+        if cfg.max_time is None and cfg.warmup_steps >= total:
+            raise self._warmup_error(total)
+        fused = self.acc.device.type == "cuda"  # one kernel for all parameters, no host sync
+        optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, betas=cfg.betas,
+                                      fused=fused or None)
+        self._step_limit = total  # what the epochs or max_steps allow; a time plan stays below
+        self.schedule = Schedule(cfg.schedule, cfg.warmup_steps, total)
+        scheduler = LambdaLR(optimizer, self.schedule)
         # The scheduler stays unprepared: Accelerate would step it once per process at each
         # step (it assumes per-process batches), running the schedule `num_processes` times too
         # fast, while `total` counts optimizer steps over global batches.
@@ -124,33 +190,38 @@ class Trainer:
                                else (TrainerState(), None))
         if state.done:
             return state
+        if state.planned_steps is not None:
+            self.schedule.total = state.planned_steps
         self.acc.print(f"[latentlab] training from step {state.step}"
                        + (f", resumed from {resumed_from}" if resumed_from else ""))
 
         # A live bar on a terminal; in a log file, the periodic metric lines instead.
         self._tty = sys.stderr.isatty()
-        bar = tqdm(total=total, initial=state.step, desc="train", dynamic_ncols=True,
-                   disable=not (self.acc.is_main_process and self._tty))
+        bar = tqdm(total=self.schedule.total, initial=state.step, desc="train",
+                   dynamic_ncols=True, disable=not (self.acc.is_main_process and self._tty))
         window = {"tokens": 0, "time": 0.0}  # throughput (wall clock: not checkpointed)
         stop_at = state.step + cfg.stop_after if cfg.stop_after else None
+        self._speed_from: tuple[int, float] | None = None  # (step, train_seconds): plan's start
+        first_step = state.step
         with self._signals():
             for stage_index in range(state.stage, len(stages)):
                 stage = stages[stage_index]
                 self._unwrap().set_stage(stage_index)
                 if self.graphs is not None:
                     self.graphs.forget()
-                data = prepare(stage_index)
                 if stage.reset_optimizer and stage_index > 0 and state.epoch == state.batch == 0:
                     optimizer.optimizer.state.clear()
                 for epoch in range(state.epoch, stage.epochs):
+                    data = prepare(stage_index, epoch)
                     batches = self._epoch_batches(len(data), stage_index, epoch, global_batch)
-                    for b in range(state.batch, len(batches)):
+                    loader = self._loader(data, batches, state.batch)
+                    clock = time.perf_counter()
+                    for b, micro in zip(range(state.batch, len(batches)), loader, strict=True):
                         if on_start is not None:
                             on_start()
                             on_start = None
                         t0 = time.perf_counter()
-                        result = self._step(model, optimizer, scheduler,
-                                            [data[i] for i in batches[b]])
+                        result = self._step(model, optimizer, scheduler, micro)
                         window["time"] += time.perf_counter() - t0
                         if (not result.finite and not result.overflow
                                 and cfg.on_nonfinite == "stop"):
@@ -165,15 +236,23 @@ class Trainer:
                             state.loss_steps += 1
                             for name, value in result.metrics.items():
                                 state.metric_sums[name] = state.metric_sums.get(name, 0.0) + value
+                                state.metric_counts[name] = state.metric_counts.get(name, 0) + 1
                         else:
                             self._log_skip(state, result)
                             if state.skipped_in_row >= cfg.max_skipped_steps:
                                 raise self._stalled_error(state.step)
                         bar.update(1)
+                        now = time.perf_counter()
+                        state.train_seconds += now - clock
+                        clock = now
+                        if cfg.max_time is not None and state.planned_steps is None:
+                            self._plan(state, first_step, bar)
                         end_of_epoch = b + 1 == len(batches)
                         # The data can end before `total` steps: examples longer than
                         # max_length are dropped, and max_steps may exceed the epochs.
-                        finished = state.step >= total or (
+                        out_of_time = (cfg.max_time is not None
+                                       and state.train_seconds >= cfg.max_time * 60)
+                        finished = state.step >= self.schedule.total or out_of_time or (
                             end_of_epoch and epoch + 1 == stage.epochs
                             and stage_index + 1 == len(stages))
                         if state.step % cfg.log_every == 0 or finished:
@@ -191,6 +270,11 @@ class Trainer:
                                     state.stage, state.epoch = stage_index + 1, 0
                             state.done = finished
                             self._save_checkpoint(model, optimizer, scheduler, state)
+                        now = time.perf_counter()
+                        state.train_seconds += now - clock
+                        clock = now
+                        if evaluated and cfg.max_time is not None and not finished:
+                            self._plan(state, first_step, bar)
                         if signalled is not None:  # even on the last step: it was asked for
                             raise Interrupted(
                                 f"stopped by signal {signal.Signals(signalled).name} after "
@@ -205,26 +289,78 @@ class Trainer:
         bar.close()
         return state
 
+    def _loader(self, data: Sequence[Any], batches: list[list[int]],
+                start: int) -> DataLoader:
+        """Batches `start`.. of an epoch, collated in `train.data_workers` worker processes
+        (forked: they share the data and the method's tokenizer) and pinned for the GPU."""
+        workers = self.config.data_workers
+        if workers is None:  # on GPUs, keep the device fed; on CPUs, leave the cores to it
+            workers = min(4, (os.cpu_count() or 1) // 2) if self.acc.device.type == "cuda" else 0
+        if workers:
+            # Forked workers would otherwise inherit a tokenizer's busy thread pool.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        steps = StepBatches(data, batches, self.acc.process_index, self.acc.num_processes,
+                            self.config.batch_size, self.collate)
+        # Its own generator: a DataLoader draws a seed for its workers from the generator it
+        # is given, which must not be the global one (dropout's draws would then depend on
+        # where an epoch was entered, and a resumed run would differ).
+        return DataLoader(steps, batch_size=None, sampler=range(start, len(batches)),
+                          collate_fn=_as_is, num_workers=workers, generator=torch.Generator(),
+                          pin_memory=self.acc.device.type == "cuda",
+                          prefetch_factor=4 if workers else None,
+                          multiprocessing_context="fork" if workers else None)
+
+    def _plan(self, state: TrainerState, first_step: int, bar: Any) -> None:
+        """Lay the schedule out over the steps the time budget allows at the measured speed:
+        first once the speed is known, then again after each validation (whose cost the
+        speed then includes)."""
+        cfg = self.config
+        if state.step - first_step == WARM_STEPS:
+            self._speed_from = (state.step, state.train_seconds)
+        if self._speed_from is None:
+            return
+        steps = state.step - self._speed_from[0]
+        seconds = state.train_seconds - self._speed_from[1]
+        if state.planned_steps is None and (steps < PLAN_AFTER_STEPS
+                                            or seconds < PLAN_AFTER_SECONDS):
+            return
+        per_step = seconds / steps
+        left = cfg.max_time * 60 - state.train_seconds
+        planned = min(self._step_limit, state.step + max(1, int(left / per_step)))
+        if planned == state.planned_steps:
+            return
+        if cfg.warmup_steps >= planned:
+            raise self._warmup_error(planned)
+        first = state.planned_steps is None
+        state.planned_steps = self.schedule.total = planned
+        bar.total = planned
+        self.log({"step": state.step, "planned_steps": planned, "seconds_per_step": per_step})
+        if first:
+            self.acc.print(f"[latentlab] train.max_time={cfg.max_time:g} min: {per_step:.3f} s "
+                           f"per step, schedule laid out over {planned} steps")
+
+    def _warmup_error(self, total: int) -> ConfigError:
+        return ConfigError(f"train.warmup_steps={self.config.warmup_steps} is not shorter than "
+                           f"the run ({total} steps)",
+                           fix="lower train.warmup_steps, or train longer (train.max_steps, "
+                               "train.epochs or train.max_time)")
+
     # ------------------------------------------------------------------------------------
     def _step(self, model: nn.Module, optimizer: Any, scheduler: Any,
-              examples: list[Any]) -> StepResult:
-        """One optimizer step over this process's share of a global batch.
+              micro: list[dict[str, Any]]) -> StepResult:
+        """One optimizer step over this process's share of a global batch, given as collated
+        micro-batches.
 
         A NaN/Inf loss or gradient makes no update and leaves the scheduler where it was; the
         caller stops or skips (`train.on_nonfinite`). Either way the model, optimizer and
         scheduler are as the last finite step left them, so the last checkpoint stays the
         state to resume from, and a skipped step replays identically after a resume."""
-        rank, world = self.acc.process_index, self.acc.num_processes
-        shard = examples[rank::world]
-        size = self.config.batch_size
-        micro = [shard[i:i + size] for i in range(0, len(shard), size)]
         total_loss = torch.zeros((), device=self.acc.device)
         metrics: dict[str, Tensor] = {}
         tokens = 0
-        for j, chunk in enumerate(micro):
-            batch = self.collate(chunk)
+        for j, batch in enumerate(micro):
             tokens += batch.get("num_tokens", 0)
-            batch = {k: v.to(self.acc.device) if isinstance(v, Tensor) else v
+            batch = {k: v.to(self.acc.device, non_blocking=True) if isinstance(v, Tensor) else v
                      for k, v in batch.items()}
             sync = contextlib.nullcontext() if j == len(micro) - 1 else self.acc.no_sync(model)
             with sync:
@@ -379,17 +515,24 @@ class Trainer:
                    grad_norm: float | None, bar: Any) -> None:
         if not state.loss_steps:
             return
+        means = {k: v / state.metric_counts.get(k, state.loss_steps)
+                 for k, v in state.metric_sums.items()}
         row = {"step": state.step, "stage": state.stage, "epoch": state.epoch,
                "loss": state.loss_sum / state.loss_steps, "lr": scheduler.get_last_lr()[0],
                "grad_norm": grad_norm, "tokens": state.tokens,
                "tokens_per_s": window["tokens"] / max(window["time"], 1e-9),
-               **{k: v / state.loss_steps for k, v in state.metric_sums.items()}}
+               "train_seconds": round(state.train_seconds, 2), **means}
+        # Loss and token accuracy per part of the sequence (question, steps, answer).
+        parts = ", ".join(f"{k.removeprefix('loss_')} {v:.3f}/{means.get('acc_' + k[5:], 0):.1%}"
+                          for k, v in means.items() if k.startswith("loss_"))
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if not self._tty:
-            self.acc.print(f"step {state.step}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, "
-                           f"{row['tokens_per_s']:.0f} tokens/s")
+            self.acc.print(f"step {state.step}: loss {row['loss']:.4f}"
+                           + (f" ({parts})" if parts else "")
+                           + f", lr {row['lr']:.2e}, {row['tokens_per_s']:.0f} tokens/s")
         self.log(row)
-        state.loss_sum, state.loss_steps, state.metric_sums = 0.0, 0, {}
+        state.loss_sum, state.loss_steps = 0.0, 0
+        state.metric_sums, state.metric_counts = {}, {}
         window.update(tokens=0, time=0.0)
 
     def _log_skip(self, state: TrainerState, result: StepResult) -> None:

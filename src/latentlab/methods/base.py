@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,6 +31,11 @@ from latentlab.tasks.base import Example
 
 ANSWER_MARKER = "###"
 IGNORE = -100  # label of positions that carry no loss (the convention of torch's cross-entropy)
+# The parts of a sequence that can carry loss; a position's part id is its index here plus one
+# (0: no part, e.g. padding, latent slots, markers). Losses and token accuracies are logged per
+# part, so a run shows whether the answer is being learned, not just the average.
+PARTS = ("question", "steps", "answer")
+Part = Literal["question", "steps", "answer"]
 LABEL_BUCKET = 64  # `label_index` lengths are multiples of this (few shapes for CUDA graphs)
 
 
@@ -86,20 +91,27 @@ class Method(nn.Module, ABC):
         """Training features of one example (plain Python data, no tensors)."""
 
     def collate(self, features: list[Features]) -> Batch:
-        """Right-pad `input_ids`/`labels` into a batch; `num_tokens` counts real tokens and
-        `label_index` locates the labels for `lm_loss`."""
+        """Right-pad `input_ids`/`labels`/`parts` into a batch; `num_tokens` counts real
+        tokens, `label_index` locates the labels for the loss, `part_counts` counts them by
+        part (see `part_lm_loss`)."""
         longest = round_up(max(len(f["input_ids"]) for f in features), self.pad_to_multiple)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(features), longest), pad, dtype=torch.long)
         labels = torch.full((len(features), longest), IGNORE, dtype=torch.long)
+        parts = torch.zeros((len(features), longest), dtype=torch.long)
         mask = torch.zeros((len(features), longest), dtype=torch.long)
         for row, f in enumerate(features):
             n = len(f["input_ids"])
             ids[row, :n] = torch.tensor(f["input_ids"])
             labels[row, :n] = torch.tensor(f["labels"])
+            if "parts" in f:  # a reasoning example (a text window has no parts)
+                parts[row, :n] = torch.tensor(f["parts"])
             mask[row, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-                "label_index": label_index(labels), "num_tokens": int(mask.sum())}
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask,
+                 "label_index": label_index(labels), "num_tokens": int(mask.sum())}
+        if "parts" in features[0]:
+            batch.update(part_fields(labels, parts))
+        return batch
 
     # -- training --------------------------------------------------------------------------
     @abstractmethod
@@ -152,11 +164,17 @@ class Method(nn.Module, ABC):
         """The tokens the model reads before it starts to answer."""
         return self.tokens(prompt_text(example))
 
+    def target_pieces(self, example: Example, keep_steps: bool
+                      ) -> list[tuple[list[int], Part]]:
+        """What the model learns to produce after its prompt (and latents), by part: the steps
+        if kept, then `### answer` and EOS."""
+        steps = [(self.tokens(steps_text(example.steps)), "steps")] if keep_steps else []
+        answer = [*self.tokens(answer_text(example)), self.tokenizer.eos_token_id]
+        return [*steps, (answer, "answer")]  # type: ignore[list-item]
+
     def target_ids(self, example: Example, keep_steps: bool) -> list[int]:
-        """What the model learns to produce after its prompt (and latents): the steps if kept,
-        then `### answer` and EOS."""
-        steps = self.tokens(steps_text(example.steps)) if keep_steps else []
-        return [*steps, *self.tokens(answer_text(example)), self.tokenizer.eos_token_id]
+        """`target_pieces` as one list of ids."""
+        return [i for ids, _ in self.target_pieces(example, keep_steps) for i in ids]
 
     def embed(self, ids: Tensor) -> Tensor:
         """Input embeddings of token ids; methods with soft tokens substitute theirs here."""
@@ -213,14 +231,35 @@ def extract_answer(completion: str) -> str:
     return tail.splitlines()[0].strip() if tail else ""
 
 
-def sequence(pieces: list[tuple[list[int], bool]]) -> Features:
-    """Concatenate token pieces; those flagged True are predicted (carry labels)."""
+def extract_steps(completion: str) -> list[str]:
+    """The reasoning lines of a completion: the non-empty lines before the answer marker."""
+    head = completion.split(ANSWER_MARKER, 1)[0]
+    return [line.strip() for line in head.splitlines() if line.strip()]
+
+
+def sequence(pieces: list[tuple[list[int], Part | None]]) -> Features:
+    """Concatenate token pieces; those with a part (`PARTS`) are predicted (carry labels)."""
     input_ids: list[int] = []
     labels: list[int] = []
-    for ids, trained in pieces:
+    parts: list[int] = []
+    for ids, part in pieces:
         input_ids += ids
-        labels += ids if trained else [IGNORE] * len(ids)
-    return {"input_ids": input_ids, "labels": labels}
+        labels += ids if part else [IGNORE] * len(ids)
+        parts += [part_id(part)] * len(ids)
+    return {"input_ids": input_ids, "labels": labels, "parts": parts}
+
+
+def part_id(part: Part | None) -> int:
+    return PARTS.index(part) + 1 if part else 0
+
+
+def part_fields(labels: Tensor, parts: Tensor) -> dict[str, Any]:
+    """A batch's `parts` [B, T], `part_counts` (labelled targets per part id, float, so that
+    the loss divides on the device) and `parts_present` (names, read on the host)."""
+    targets = parts[:, 1:][labels[:, 1:] != IGNORE]
+    counts = torch.bincount(targets, minlength=len(PARTS) + 1).float()
+    present = tuple(name for i, name in enumerate(PARTS, 1) if counts[i] > 0)
+    return {"parts": parts, "part_counts": counts, "parts_present": present}
 
 
 def right_padded_states(backbone: PreTrainedModel, embeds: Tensor) -> Tensor:
@@ -259,6 +298,46 @@ def label_index(labels: Tensor) -> Tensor:
         filler = fillers[0, 0] * width + fillers[0, 1]
         index = torch.cat([index, filler.expand(extra)])
     return index
+
+
+def part_lm_loss(backbone: PreTrainedModel, hidden: Tensor, batch: Batch,
+                 question_weight: float = 0.0, offset: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+    """The training loss of a batch collated with `part_fields`, and its loss and token accuracy
+    per part present (`loss_steps`, `acc_answer`, ...).
+
+    loss = mean cross-entropy over the labelled steps and answer tokens
+           + question_weight * mean cross-entropy over the labelled question tokens,
+    so the answer's signal is not diluted by however many question tokens are labelled.
+    `offset`: columns of `hidden` before `batch["labels"]`'s first (a Coprocessor's injection).
+    A batch without parts (text windows) gets the plain mean over its labels.
+    """
+    if "parts" not in batch:
+        return lm_loss(backbone, hidden, batch["labels"], batch.get("label_index")), {}
+    labels = batch["labels"]
+    parts = batch["parts"]
+    if offset:
+        labels = torch.cat([labels.new_full((labels.shape[0], offset), IGNORE), labels], 1)
+        parts = torch.cat([parts.new_zeros((parts.shape[0], offset)), parts], 1)
+    index = batch.get("label_index") if not offset else None
+    if index is None:
+        index = label_index(labels)
+    states = hidden.flatten(0, 1).index_select(0, index)
+    targets = labels.flatten().index_select(0, index + 1)
+    part = parts.flatten().index_select(0, index + 1)  # 0 for the index's fillers
+    logits = backbone.get_output_embeddings()(states).float()
+    nll = nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
+    sums = nll.new_zeros(len(PARTS) + 1).index_add_(0, part, nll)
+    hits = nll.new_zeros(len(PARTS) + 1).index_add_(
+        0, part, (logits.argmax(-1) == targets).float())
+    counts = batch["part_counts"].to(nll.device)
+    main = (sums[2:].sum() / counts[2:].sum().clamp(min=1))
+    loss = main + question_weight * sums[1] / counts[1].clamp(min=1) if question_weight else main
+    metrics: dict[str, Tensor] = {}
+    for name in batch["parts_present"]:
+        i = part_id(name)
+        metrics[f"loss_{name}"] = (sums[i] / counts[i]).detach()
+        metrics[f"acc_{name}"] = (hits[i] / counts[i]).detach()
+    return loss, metrics
 
 
 def lm_loss(backbone: PreTrainedModel, hidden: Tensor, labels: Tensor,

@@ -55,7 +55,8 @@ from latentlab.methods.base import (
     StepOutput,
     answer_text,
     label_index,
-    lm_loss,
+    part_fields,
+    part_lm_loss,
     right_padded_states,
     round_up,
     sequence,
@@ -216,9 +217,9 @@ class Coconut(Method):
         kept = () if k == self.config.max_latent_stage else example.steps[k:]
         prompt = self.prompt_ids(example)
         features = sequence([
-            ([*prompt, self.bot_id, *[self.thought_id] * n, self.eot_id], False),
-            (self.tokens(steps_text(kept)), True),
-            ([*self.tokens(answer_text(example)), self.tokenizer.eos_token_id], True),
+            ([*prompt, self.bot_id, *[self.thought_id] * n, self.eot_id], None),
+            (self.tokens(steps_text(kept)), "steps"),
+            ([*self.tokens(answer_text(example)), self.tokenizer.eos_token_id], "answer"),
         ])
         # In pause_as_thought the <thought> tokens are ordinary inputs: nothing to feed back.
         features["thoughts"] = n if self.config.mode in FEEDBACK_MODES else 0
@@ -240,22 +241,23 @@ class Coconut(Method):
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(features), width), pad, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
+        parts = torch.zeros((len(features), width), dtype=torch.long)
         mask = torch.zeros((len(features), width), dtype=torch.long)
         for row, (s, f) in enumerate(zip(shifts, features, strict=True)):
             end = s + len(f["input_ids"])
             ids[row, s:end] = torch.tensor(f["input_ids"])
             labels[row, s:end] = torch.tensor(f["labels"])
+            parts[row, s:end] = torch.tensor(f["parts"])
             mask[row, s:end] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask,
                 "thoughts": torch.tensor([f["thoughts"] for f in features]),
                 "label_index": label_index(labels),
                 "bot": bot, "max_thoughts": most, "left_padded": any(shifts),
-                "num_tokens": int(mask.sum())}
+                "num_tokens": int(mask.sum()), **part_fields(labels, parts)}
 
     # -- training --------------------------------------------------------------------------
     def forward(self, batch: Batch) -> StepOutput:
-        return StepOutput(lm_loss(self.backbone, self.hidden_states(batch), batch["labels"],
-                                  batch.get("label_index")))
+        return StepOutput(*part_lm_loss(self.backbone, self.hidden_states(batch), batch))
 
     def hidden_states(self, batch: Batch) -> Tensor:
         """Last-layer states of every column of a collated batch, thoughts fed back.

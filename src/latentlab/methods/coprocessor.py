@@ -59,7 +59,9 @@ from latentlab.methods.base import (
     LatentConfig,
     Method,
     StepOutput,
-    lm_loss,
+    part_fields,
+    part_id,
+    part_lm_loss,
 )
 from latentlab.tasks.base import Example
 
@@ -132,8 +134,10 @@ class Coprocessor(Method):
 
     # -- data ------------------------------------------------------------------------------
     def encode(self, example: Example) -> Features:
+        pieces = self.target_pieces(example, self.config.keep_steps)
         return {"prompt_ids": self.prompt_ids(example),
-                "target_ids": self.target_ids(example, self.config.keep_steps)}
+                "target_ids": [i for ids, _ in pieces for i in ids],
+                "target_parts": [part_id(part) for ids, part in pieces for _ in ids]}
 
     def encode_text(self, ids: list[int]) -> Features:
         """A pretraining window and its M augmentation points (distinct, sorted, each with
@@ -169,13 +173,19 @@ class Coprocessor(Method):
         longest = max(len(f["target_ids"]) for f in features)
         target = torch.full((len(features), longest), pad, dtype=torch.long)
         labels = torch.full((len(features), longest), IGNORE, dtype=torch.long)
+        parts = torch.zeros((len(features), longest), dtype=torch.long)
         for row, f in enumerate(features):
             target[row, :len(f["target_ids"])] = torch.tensor(f["target_ids"])
             labels[row, :len(f["target_ids"])] = torch.tensor(f["target_ids"])
+            parts[row, :len(f["target_ids"])] = torch.tensor(f["target_parts"])
         n_tokens = (int(prompt_mask.sum()) + int((labels != IGNORE).sum())
                     + self.config.latent_budget * len(features))
+        # A leading column with no label: the injection's last column, which predicts the
+        # first target token (`forward` puts the injection's other columns before it).
+        labels = torch.cat([labels.new_full((len(features), 1), IGNORE), labels], 1)
+        parts = torch.cat([parts.new_zeros((len(features), 1)), parts], 1)
         return {"prompt_ids": prompt, "prompt_mask": prompt_mask, "target_ids": target,
-                "labels": labels, "num_tokens": n_tokens}
+                "labels": labels, "num_tokens": n_tokens, **part_fields(labels, parts)}
 
     # -- the three passes --------------------------------------------------------------------
     def read_prompt(self, prompt_ids: Tensor, prompt_mask: Tensor) -> DecodeState:
@@ -219,10 +229,8 @@ class Coprocessor(Method):
         state = self.read_prompt(batch["prompt_ids"], batch["prompt_mask"])
         state, latents = self.augment(state)
         state, n_head = self.inject(state, latents, batch["prompt_ids"], batch["target_ids"])
-        labels = batch["labels"]
-        labels = torch.cat([labels.new_full((labels.shape[0], n_head), IGNORE), labels], 1)
-        loss = lm_loss(self.backbone, state.hidden, labels)
-        metrics = {"lm_loss": loss.detach()}
+        loss, metrics = part_lm_loss(self.backbone, state.hidden, batch, offset=n_head - 1)
+        metrics["lm_loss"] = loss.detach()
         if self.config.orthogonality:
             penalty = orthogonality_penalty(latents)
             loss = loss + self.config.orthogonality * penalty

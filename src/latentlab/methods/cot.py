@@ -17,7 +17,7 @@ from latentlab.methods.base import (
     Method,
     MethodConfig,
     StepOutput,
-    lm_loss,
+    part_lm_loss,
     right_padded_states,
     sequence,
 )
@@ -26,11 +26,12 @@ from latentlab.tasks.base import Example
 
 class CoTConfig(MethodConfig):
     name: Literal["cot"] = "cot"
-    question_loss: bool = Field(
-        False, description="also predict the question's tokens (plain language modelling on "
-        "the whole sequence; choice: the papers train pretrained backbones on steps and answer "
-        "only, but a random-init backbone learns to copy names from the question far faster "
-        "with it)")
+    question_loss: float = Field(
+        0.0, ge=0.0, description="weight of the question's tokens in the loss, which is the "
+        "mean over steps and answer plus this times the mean over the question (0: the "
+        "papers' loss on steps and answer only; `true` reads as 1). Question text is mostly "
+        "random facts whose loss cannot fall far, so with weight 1 it dominates what is logged; "
+        "the per-part losses (loss_question, loss_steps, loss_answer) show each")
 
 
 class NoCoTConfig(CoTConfig):
@@ -44,8 +45,9 @@ class CoT(Method):
     keep_steps: ClassVar[bool] = True
 
     def encode(self, example: Example) -> Features:
-        return sequence([(self.prompt_ids(example), self.config.question_loss),
-                         (self.target_ids(example, self.keep_steps), True)])
+        question = "question" if self.config.question_loss else None
+        return sequence([(self.prompt_ids(example), question),
+                         *self.target_pieces(example, self.keep_steps)])
 
     def encode_text(self, ids: list[int]) -> Features:
         """Plain next-token prediction on the window (the Base's pretraining)."""
@@ -60,8 +62,7 @@ class CoT(Method):
     def forward(self, batch: Batch) -> StepOutput:
         embeds = self.backbone.get_input_embeddings()(batch["input_ids"])
         hidden = right_padded_states(self.backbone, embeds)
-        return StepOutput(lm_loss(self.backbone, hidden, batch["labels"],
-                                  batch.get("label_index")))
+        return StepOutput(*part_lm_loss(self.backbone, hidden, batch, self.config.question_loss))
 
 
 class NoCoT(CoT):

@@ -60,7 +60,7 @@ from latentlab.methods.base import (
     MethodConfig,
     Stage,
     StepOutput,
-    lm_loss,
+    part_lm_loss,
     right_padded_states,
     sequence,
     steps_text,
@@ -379,8 +379,9 @@ class LatentSFT(Method):
         row = labels.row(example)
         n = labels.count(row)
         prompt = [*self.prompt_ids(example), self.think_id]
-        features = sequence([([*prompt, *[self.mark_id] * n], False),
-                             ([self.end_id, *self.target_ids(example, keep_steps=False)], True)])
+        features = sequence([([*prompt, *[self.mark_id] * n], None),
+                             ([self.end_id, *self.target_ids(example, keep_steps=False)],
+                              "answer")])
         return {**features, "label_row": row, "slots": n, "slot_start": len(prompt),
                 "noise_epoch": self.epoch}
 
@@ -501,7 +502,7 @@ class LatentSFT(Method):
                   else batch["slot_values"])
         embeds = embeds.masked_scatter(slot[..., None], inputs.to(embeds.dtype))
         hidden = right_padded_states(self.backbone, embeds)
-        l_exp = lm_loss(self.backbone, hidden, batch["labels"], batch.get("label_index"))
+        l_exp, metrics = part_lm_loss(self.backbone, hidden, batch)
         before = hidden[:, :-1][slot[:, 1:]]  # the positions predicting each slot [S, d]
         if before.shape[0] == 0:  # no example of the batch has a latent (an empty CoT)
             l_lat = l_exp.new_zeros(())
@@ -513,7 +514,7 @@ class LatentSFT(Method):
             # should be the encoder's latent for it (choice: mean squared error).
             l_lat = nn.functional.mse_loss(before.float(), batch["slot_values"])
         loss = l_exp + self.config.lat_weight * l_lat
-        return StepOutput(loss, {"l_exp": l_exp.detach(), "l_lat": l_lat.detach()})
+        return StepOutput(loss, {**metrics, "l_exp": l_exp.detach(), "l_lat": l_lat.detach()})
 
     # -- soft labels -----------------------------------------------------------------------
     @torch.no_grad()

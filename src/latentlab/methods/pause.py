@@ -26,7 +26,7 @@ from latentlab.methods.base import (
     LatentConfig,
     Method,
     StepOutput,
-    lm_loss,
+    part_lm_loss,
     prompt_text,
     right_padded_states,
     sequence,
@@ -59,14 +59,14 @@ class Pause(Method):
         return [*self.tokens(prompt_text(example)), *[self.slot_id] * self.config.latent_budget]
 
     def encode(self, example: Example) -> Features:
-        return sequence([(self.prompt_ids(example), False),
-                         (self.target_ids(example, self.config.keep_steps), True)])
+        return sequence([(self.prompt_ids(example), None),
+                         *self.target_pieces(example, self.config.keep_steps)])
 
     def forward(self, batch: Batch) -> StepOutput:
         ids = batch["input_ids"]
         hidden = right_padded_states(self.backbone, self.embed(ids))
-        loss = lm_loss(self.backbone, hidden, batch["labels"], batch.get("label_index"))
-        metrics = {"lm_loss": loss.detach()}
+        loss, metrics = part_lm_loss(self.backbone, hidden, batch)
+        metrics["lm_loss"] = loss.detach()
         if self.config.orthogonality:
             penalty = orthogonality_penalty(self.slot_states(ids, hidden))
             loss = loss + self.config.orthogonality * penalty

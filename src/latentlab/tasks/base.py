@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from latentlab.errors import DataError, require_file
+from latentlab.errors import ConfigError, DataError, require_file
 
 Split = Literal["train", "valid", "test"]
 SPLITS: tuple[Split, ...] = ("train", "valid", "test")
@@ -60,12 +61,54 @@ class TaskConfig(BaseModel):
     seed: int = Field(0, description="seed of the generator (each split derives its own)")
     limit: dict[str, int] = Field(default_factory=dict,
                                   description="keep at most this many rows of a split")
+    stream: bool = Field(
+        False, description="train on fresh generated examples: every epoch draws n_train new "
+        "ones, example i of epoch e seeded by (seed, e, i), so a resumed run sees the same "
+        "examples as an uninterrupted one (default: one fixed list re-read every epoch, which "
+        "a from-scratch model memorises)")
+    curriculum: list[dict[str, Any]] = Field(
+        default_factory=list, description="phases of a streamed task, easiest first: each "
+        "names `epochs` (how many epochs it lasts) and the task options it changes, e.g. "
+        "[{epochs: 2, max_concepts: 10, max_hops: 3}]; later epochs use the options above")
+
+    @model_validator(mode="after")
+    def _check_curriculum(self) -> TaskConfig:
+        if self.curriculum and not self.stream:
+            raise ValueError("a curriculum needs stream: true (it changes what is generated "
+                             "per epoch)")
+        for phase in self.curriculum:
+            epochs = phase.get("epochs")
+            if type(epochs) is not int or epochs < 1:
+                raise ValueError(f"curriculum phase {phase} needs `epochs`, a positive integer")
+            changed = {k for k in phase if k != "epochs"}
+            fixed = changed & {"name", "stream", "curriculum", "seed", "train", "valid", "test",
+                               "n_train", "n_valid", "n_test", "limit"}
+            if fixed:
+                raise ValueError(f"curriculum phase {phase} changes {', '.join(sorted(fixed))}, "
+                                 "which a phase cannot change")
+        return self
 
     def path(self, split: Split) -> str | None:
         return getattr(self, split)
 
     def size(self, split: Split) -> int:
         return getattr(self, f"n_{split}")
+
+    def at_epoch(self, epoch: int) -> TaskConfig:
+        """The options in force at training epoch `epoch` (counted over the whole run)."""
+        start = 0
+        for phase in self.curriculum:
+            if epoch < start + phase["epochs"]:
+                update = {k: v for k, v in phase.items() if k != "epochs"}
+                try:
+                    return type(self).model_validate(
+                        {**self.model_dump(), **update, "curriculum": [], "stream": True})
+                except ValidationError as exc:
+                    raise ConfigError(f"curriculum phase {phase} of task {self.name!r} is "
+                                      f"invalid: {exc.errors()[0]['msg']}",
+                                      fix="correct that phase of task.curriculum") from None
+            start += phase["epochs"]
+        return self
 
 
 class Task(ABC):
@@ -107,8 +150,37 @@ class Task(ABC):
                                              "data)") from None
 
     def generate(self, split: Split, n: int, seed: int) -> list[Example]:
+        """n examples of a split, drawn in order from one generator seeded by (seed, split)."""
+        rng = random.Random(f"{self.name}-{seed}-{split}")
+        return [self.generate_one(rng, split) for _ in range(n)]
+
+    def generate_one(self, rng: random.Random, split: Split) -> Example:
+        """One generated example of a split; tasks that generate data override this."""
         raise DataError(f"task {self.name!r} cannot generate data and task.{split} is not set",
                         fix=f"set task.{split} to a data file")
+
+    @property
+    def generates(self) -> bool:
+        return type(self).generate_one is not Task.generate_one
+
+    def streamed(self, epoch: int, index: int, attempt: int = 0) -> Example:
+        """Training example `index` of epoch `epoch` of a stream (`task.stream`), with the
+        options the curriculum sets for that epoch; `attempt` draws a replacement."""
+        rng = random.Random(f"{self.name}-{self.config.seed}-stream-{epoch}-{index}-{attempt}")
+        return self._at_epoch(epoch).generate_one(rng, "train")
+
+    def _at_epoch(self, epoch: int) -> Task:
+        """This task with the options of the curriculum phase of `epoch` (itself without one)."""
+        if not self.config.curriculum:
+            return self
+        config = self.config.at_epoch(epoch)
+        if config is self.config:
+            return self
+        cache = self.__dict__.setdefault("_phases", {})
+        key = config.model_dump_json()
+        if key not in cache:
+            cache[key] = type(self)(config)
+        return cache[key]
 
     def write(self, examples: Iterable[Example], path: Path) -> None:
         """Write examples in the format `read` accepts (JSON lines by default)."""
@@ -117,6 +189,11 @@ class Task(ABC):
     @abstractmethod
     def score(self, prediction: str, example: Example) -> bool:
         """Whether a predicted answer (the text after the answer marker) is correct."""
+
+    def step_metrics(self, steps: list[str], example: Example) -> dict[str, float]:
+        """Numbers about a model's generated reasoning steps (one string per line), averaged
+        over the examples that generated any; none by default."""
+        return {}
 
 
 def resolve_path(path: str | os.PathLike[str]) -> Path:

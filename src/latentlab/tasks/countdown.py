@@ -13,6 +13,7 @@ reference.
 from __future__ import annotations
 
 import ast
+import functools
 import operator
 import random
 import re
@@ -362,28 +363,24 @@ class CountdownTask(Task):
     config_class = CountdownConfig
     config: CountdownConfig
 
-    def generate(self, split: Split, n: int, seed: int) -> list[Example]:
+    def generate_one(self, rng: random.Random, split: Split) -> Example:
         cfg = self.config
-        held, kept = split_targets(cfg)
-        targets = kept if split == "train" else held or kept
-        rng = random.Random(f"countdown-{seed}-{split}")
-        examples = []
-        for _ in range(n):
-            target = rng.choice(targets)
-            # Keep the target and redraw the numbers, so targets stay uniform over the split's set.
-            for _draw in range(_MAX_DRAWS):
-                numbers = [rng.randint(cfg.min_operand, cfg.max_operand)
-                           for _ in range(cfg.operands)]
-                moves = _search(numbers, target, cfg.allow_fractions)
-                if moves is not None:
-                    break
-            else:
-                raise ConfigError(
-                    f"no solvable countdown problem for target {target} in {_MAX_DRAWS} draws of "
-                    f"{cfg.operands} numbers from {cfg.min_operand}..{cfg.max_operand}",
-                    fix="widen the operand range, add operands or narrow the target range")
-            examples.append(_example(numbers, target, moves))
-        return examples
+        held, kept = self._targets
+        target = rng.choice(kept if split == "train" else held or kept)
+        # Keep the target and redraw the numbers, so targets stay uniform over the split's set.
+        for _draw in range(_MAX_DRAWS):
+            numbers = [rng.randint(cfg.min_operand, cfg.max_operand) for _ in range(cfg.operands)]
+            moves = _search(numbers, target, cfg.allow_fractions)
+            if moves is not None:
+                return _example(numbers, target, moves)
+        raise ConfigError(
+            f"no solvable countdown problem for target {target} in {_MAX_DRAWS} draws of "
+            f"{cfg.operands} numbers from {cfg.min_operand}..{cfg.max_operand}",
+            fix="widen the operand range, add operands or narrow the target range")
+
+    @functools.cached_property
+    def _targets(self) -> tuple[list[int], list[int]]:
+        return split_targets(self.config)
 
     def read(self, path: Path, split: Split) -> list[Example]:
         examples = []

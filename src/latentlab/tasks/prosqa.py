@@ -51,6 +51,18 @@ PERSONS = ("Alex", "Bob", "Carol", "Davis", "Eva", "Fae", "Gabriel", "Jack", "Ma
            "Omar", "Paul", "Quinn", "Rose", "Ruth", "Theo", "Uma", "Vera", "Will", "Zoe", "Anna",
            "Emma", "Lucy", "Mark", "Nick", "Owen", "Peter", "Ray")
 
+# The names of Coconut's own files (all 38 concepts and 17 persons of its ProsQA data): a model
+# trained on graphs named from these reads the official files in distribution.
+COCONUT_CONCEPTS = (
+    "bompus", "boompus", "brimpus", "chorpus", "dumpus", "felpus", "fompus", "gerpus", "gorpus",
+    "grimpus", "gwompus", "hilpus", "impus", "jelpus", "jompus", "kerpus", "lempus", "lorpus",
+    "numpus", "quimpus", "rempus", "rompus", "rorpus", "scrompus", "shumpus", "sterpus",
+    "storpus", "terpus", "timpus", "tumpus", "vumpus", "worpus", "wumpus", "yerpus", "yimpus",
+    "yumpus", "zhorpus", "zumpus")
+COCONUT_PERSONS = ("Alex", "Bob", "Carol", "Davis", "Eva", "Fae", "Gabriel", "Jack", "Max",
+                   "Oliver", "Polly", "Rex", "Sally", "Sam", "Stella", "Tom", "Wren")
+NAME_SETS = {"coconut": (COCONUT_CONCEPTS, COCONUT_PERSONS), "grammar": (CONCEPTS, PERSONS)}
+
 _MAX_DRAWS = 1_000  # graphs per example before the configuration is declared infeasible
 
 
@@ -58,13 +70,18 @@ class ProsQAConfig(TaskConfig):
     """ProsQA, read from Coconut's files or generated (the train split is not published)."""
 
     name: Literal["prosqa"] = "prosqa"
+    names: Literal["coconut", "grammar"] = Field(
+        "coconut", description="names of generated graphs: 'coconut', the 38 concepts and 17 "
+        "persons of Coconut's files (the official files are in distribution); 'grammar', "
+        "about 1,200 concepts from a syllable grammar (covering Coconut's) and 50 persons, so "
+        "that a model must copy names from the question rather than know them (harder)")
     min_concepts: int = Field(15, ge=3, description="fewest concept nodes in a graph")
     max_concepts: int = Field(25, ge=3, description="most concept nodes in a graph")
     extra_person_prob: float = Field(
         0.025, ge=0.0, lt=1.0,
         description="chance that a new node is one more person (a root) rather than a concept; "
                     "every graph has at least two persons")
-    max_persons: int = Field(6, ge=2, le=len(PERSONS), description="most persons in a graph")
+    max_persons: int = Field(6, ge=2, description="most persons in a graph")
     parent_weights: tuple[float, ...] = Field(
         (0.46, 0.33, 0.15, 0.04, 0.02), min_length=1,
         description="relative chance that a concept has 1, 2, ... parents (incoming edges)")
@@ -87,8 +104,13 @@ class ProsQAConfig(TaskConfig):
             raise ValueError(f"min_hops ({self.min_hops}) is above max_hops ({self.max_hops})")
         if any(w < 0 for w in self.parent_weights) or sum(self.parent_weights) <= 0:
             raise ValueError("parent_weights must be non-negative with a positive sum")
-        if self.max_concepts > len(CONCEPTS):
-            raise ValueError(f"max_concepts is above the {len(CONCEPTS)} names the grammar makes")
+        concepts, persons = NAME_SETS[self.names]
+        if self.max_concepts > len(concepts):
+            raise ValueError(f"max_concepts is above the {len(concepts)} concept names of "
+                             f"names={self.names!r}")
+        if self.max_persons > len(persons):
+            raise ValueError(f"max_persons is above the {len(persons)} person names of "
+                             f"names={self.names!r}")
         return self
 
 
@@ -211,11 +233,13 @@ def _bfs(root: int, children: Sequence[Sequence[int]]) -> tuple[dict[int, int], 
     return distance, previous
 
 
-def _coconut_row(rng: random.Random, graph: dict[str, Any]) -> dict[str, Any]:
-    """Name a graph's nodes and write it out as Coconut's fields."""
+def _coconut_row(rng: random.Random, graph: dict[str, Any], names: str) -> dict[str, Any]:
+    """Name a graph's nodes from a name set (`NAME_SETS`) and write it out as Coconut's
+    fields."""
     parents, root = graph["parents"], graph["root"]
-    people = iter(rng.sample(PERSONS, graph["persons"]))
-    words = iter(rng.sample(CONCEPTS, len(parents) - graph["persons"]))
+    concepts, persons = NAME_SETS[names]
+    people = iter(rng.sample(persons, graph["persons"]))
+    words = iter(rng.sample(concepts, len(parents) - graph["persons"]))
     names = [next(words) if ps else next(people) for ps in parents]
     edges = [[p, child] for child, ps in enumerate(parents) for p in ps]
     sentences = [edge_sentence(names[p], names[c]) for p, c in edges]
@@ -242,21 +266,16 @@ class ProsQATask(Task):
     config_class = ProsQAConfig
     config: ProsQAConfig
 
-    def generate(self, split: Split, n: int, seed: int) -> list[Example]:
-        rng = random.Random(f"prosqa-{seed}-{split}")
-        examples = []
-        for _ in range(n):
-            for _draw in range(_MAX_DRAWS):
-                graph = _graph(rng, self.config)
-                if graph is not None:
-                    break
-            else:
-                raise ConfigError(
-                    f"no ProsQA graph with a target {self.config.min_hops}..{self.config.max_hops} "
-                    f"hops away in {_MAX_DRAWS} draws",
-                    fix="widen min_hops..max_hops, add concepts or raise task.recency")
-            examples.append(_from_coconut(_coconut_row(rng, graph), f"generated {split} row"))
-        return examples
+    def generate_one(self, rng: random.Random, split: Split) -> Example:
+        for _draw in range(_MAX_DRAWS):
+            graph = _graph(rng, self.config)
+            if graph is not None:
+                row = _coconut_row(rng, graph, self.config.names)
+                return _from_coconut(row, f"generated {split} row")
+        raise ConfigError(
+            f"no ProsQA graph with a target {self.config.min_hops}..{self.config.max_hops} "
+            f"hops away in {_MAX_DRAWS} draws",
+            fix="widen min_hops..max_hops, add concepts or raise task.recency")
 
     def read(self, path: Path, split: Split) -> list[Example]:
         """Coconut's JSON list, or JSON lines of `Example.to_json` with the graph in `meta`."""
@@ -295,6 +314,23 @@ class ProsQATask(Task):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
         tmp.replace(path)
+
+    def step_metrics(self, steps: list[str], example: Example) -> dict[str, float]:
+        """`step_edges`: the share of generated steps that are edges of the question's graph;
+        `path_valid`: 1 if the steps are edges forming a path from the person asked about
+        (a chain that may end anywhere, so a wrong answer can still walk a real path)."""
+        if not steps:
+            return {}
+        meta = example.meta
+        names = meta["idx_to_symbol"]
+        edges = {_normalise(edge_sentence(names[p], names[c])): (p, c) for p, c in meta["edges"]}
+        walked = [edges.get(_normalise(step)) for step in steps]
+        at, connected = meta["root"], True
+        for edge in walked:
+            connected = connected and edge is not None and edge[0] == at
+            at = edge[1] if edge is not None else at
+        return {"step_edges": sum(e is not None for e in walked) / len(walked),
+                "path_valid": float(connected)}
 
     def score(self, prediction: str, example: Example) -> bool:
         if _normalise(prediction) == _normalise(example.answer):

@@ -1,0 +1,233 @@
+"""Streamed training data (`task.stream`), the task curriculum and the time budget
+(`train.max_time`)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from conftest import metric_rows
+from test_training import final_weights, tiny
+from torch import nn
+
+from latentlab.config import TrainConfig
+from latentlab.engine.interface import Stage, StepOutput
+from latentlab.engine.trainer import PLAN_AFTER_STEPS, WARM_STEPS, Trainer
+from latentlab.errors import ConfigError
+from latentlab.run import StreamedEpoch, make_accelerator, train
+from latentlab.tasks import CountdownConfig, CountdownTask, ProsQAConfig, ProsQATask
+
+STREAM = ("task.stream=true", "task.n_train=24")  # 3 steps of 8 per epoch
+
+
+# ------------------------------------------------------------------------------- the stream
+
+
+def test_a_stream_is_a_function_of_seed_epoch_and_index() -> None:
+    task = CountdownTask(CountdownConfig(operands=3, stream=True))
+    again = CountdownTask(CountdownConfig(operands=3, stream=True))
+    epoch0 = StreamedEpoch(task, 0, 50)[:]
+    assert epoch0 == StreamedEpoch(again, 0, 50)[:]  # another process draws the same
+    assert StreamedEpoch(task, 0, 50)[17] == epoch0[17]  # any item alone, in any order
+    epoch1 = StreamedEpoch(task, 1, 50)[:]
+    assert len({e.question for e in epoch0} & {e.question for e in epoch1}) < 5  # fresh data
+    other_seed = CountdownTask(CountdownConfig(operands=3, stream=True, seed=1))
+    assert StreamedEpoch(other_seed, 0, 50)[:] != epoch0
+    # Streamed examples are training examples: Countdown's held-out targets stay held out.
+    held = set(task._targets[0])
+    assert not {e.meta["target"] for e in epoch0 + epoch1} & held
+
+
+def test_a_too_long_streamed_example_is_replaced_by_the_next_draw() -> None:
+    task = CountdownTask(CountdownConfig(operands=3, stream=True))
+    lengths = [len(e.question) for e in StreamedEpoch(task, 0, 40)[:]]
+    limit = sorted(lengths)[len(lengths) // 2]  # about half the draws are too long
+
+    def encode(example: Any) -> dict[str, list[int]]:
+        return {"input_ids": list(range(len(example.question)))}
+
+    epoch = StreamedEpoch(task, 0, 40, encode, max_length=limit)
+    assert all(len(f["input_ids"]) <= limit for f in epoch)
+    assert epoch[:] == StreamedEpoch(task, 0, 40, encode, max_length=limit)[:]
+    with pytest.raises(Exception, match="100 streamed examples in a row are longer"):
+        StreamedEpoch(task, 0, 1, encode, max_length=1)[0]
+
+
+def test_curriculum_phases_change_what_each_epoch_generates() -> None:
+    config = ProsQAConfig(stream=True, curriculum=[
+        {"epochs": 1, "min_concepts": 6, "max_concepts": 8, "min_hops": 1, "max_hops": 2},
+        {"epochs": 2, "max_hops": 4}])
+    task = ProsQATask(config)
+
+    def hops(epoch: int) -> set[int]:
+        return {len(e.steps) for e in StreamedEpoch(task, epoch, 60)}
+
+    def concepts(epoch: int) -> int:
+        return max(sum(n[0].islower() for n in e.meta["idx_to_symbol"])
+                   for e in StreamedEpoch(task, epoch, 60))
+
+    assert hops(0) <= {1, 2} and concepts(0) <= 8
+    assert hops(1) <= {3, 4} and hops(2) <= {3, 4} and concepts(1) > 8
+    assert max(hops(3)) > 4  # after the phases: the options of the config itself
+    assert config.at_epoch(3) is config
+
+
+@pytest.mark.parametrize(("phases", "message"), [
+    ([{"max_hops": 2}], "needs `epochs`"),
+    ([{"epochs": 1, "n_train": 5}], "changes n_train"),
+])
+def test_malformed_curriculum_phases_are_refused(phases: list[dict[str, Any]],
+                                                  message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ProsQAConfig(stream=True, curriculum=phases)
+    with pytest.raises(ValueError, match="needs stream: true"):
+        ProsQAConfig(curriculum=[{"epochs": 1}])
+    bad = ProsQAConfig(stream=True, curriculum=[{"epochs": 1, "max_hops": 0}])
+    with pytest.raises(ConfigError, match=r"curriculum phase .* is invalid"):
+        bad.at_epoch(0)
+
+
+# ------------------------------------------------------------------- streamed runs resume
+
+
+def test_streamed_run_resumed_reaches_the_uninterrupted_weights(tmp_path: Path) -> None:
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train(tiny(straight, *STREAM))
+    train(tiny(interrupted, *STREAM, "train.stop_after=4"))  # mid-epoch (3 steps each)
+    train(tiny(interrupted, *STREAM), resume=True)
+    a, b = final_weights(straight), final_weights(interrupted)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metric_rows(straight) == metric_rows(interrupted)
+    # A fixed list trains differently: the stream is not that list.
+    fixed = tmp_path / "fixed"
+    train(tiny(fixed, "task.n_train=24"))
+    assert not all(torch.equal(a[k], final_weights(fixed)[k]) for k in a)
+
+
+def test_streamed_run_killed_with_workers_then_resumed_is_bit_identical(
+        tmp_path: Path) -> None:
+    """SIGKILL a streamed run whose batches come from two DataLoader worker processes, then
+    resume it: the same examples in the same order, so the same final checkpoint."""
+    config = tmp_path / "stream.yaml"
+    base = tiny(tmp_path / "unused", *STREAM, "train.data_workers=2", "train.save_every=2")
+    config.write_text(yaml.safe_dump(base.model_dump(mode="json")))
+
+    def command(run_dir: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "latentlab", "train", str(config), f"out_dir={run_dir}",
+                *extra]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(command(straight), check=True, capture_output=True, timeout=300)
+    env = {"PYTHONUNBUFFERED": "1", **dict(__import__("os").environ)}
+    with subprocess.Popen(command(killed), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True, env=env) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("step 5: loss"):  # checkpointed at step 4, mid-epoch
+                break
+        proc.send_signal(signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    resumed = subprocess.run(command(killed, "--resume"), capture_output=True, text=True,
+                             timeout=300, check=True)
+    assert "resumed from" in resumed.stdout
+    a, b = final_weights(straight), final_weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metric_rows(straight) == metric_rows(killed)
+
+
+# --------------------------------------------------------------------------- time budget
+
+
+class Clock:
+    """A fake `time.perf_counter`: a training step costs `step_s`, a validation `eval_s`."""
+
+    def __init__(self, step_s: float, eval_s: float) -> None:
+        self.now, self.step_s, self.eval_s = 0.0, step_s, eval_s
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Line(nn.Module):
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self.linear, self.clock = nn.Linear(2, 1), clock
+
+    def forward(self, batch: dict[str, Any]) -> StepOutput:
+        self.clock.now += self.clock.step_s
+        return StepOutput(((self.linear(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean())
+
+    def set_stage(self, index: int) -> None:
+        pass
+
+    def save_pretrained(self, path: Path) -> None:
+        torch.save(self.state_dict(), path / "line.pt")
+
+
+def budget_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step_s: float, eval_s: float,
+               **train: Any) -> tuple[Trainer, list[dict[str, Any]]]:
+    tmp_path.mkdir(exist_ok=True)
+    clock = Clock(step_s, eval_s)
+    monkeypatch.setattr("latentlab.engine.trainer.time.perf_counter", clock)
+    model = Line(clock)
+
+    def evaluate(step: int) -> dict[str, float]:
+        clock.now += clock.eval_s
+        return {"accuracy": 0.0}
+
+    def data(stage: int, epoch: int) -> list[dict[str, torch.Tensor]]:
+        x = torch.randn(64, 2, generator=torch.Generator().manual_seed(epoch))
+        return [{"x": x[i], "y": x[i].sum()} for i in range(64)]
+
+    config = TrainConfig(batch_size=8, lr=0.1, log_every=1000, epochs=1000, **train)
+    trainer = Trainer(model, config, tmp_path, make_accelerator("no"),
+                      lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]},
+                      evaluate)
+    state = trainer.fit([Stage("train", config.epochs)], data, num_examples=64)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return trainer, [{**r, "final_step": state.step} for r in rows]
+
+
+def test_max_time_lays_the_schedule_out_over_the_budget(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # 0.5 s per step, no validation cost: 60 s hold 120 steps. The plan is made once the speed
+    # is measured over PLAN_AFTER_STEPS steps after the first WARM_STEPS.
+    trainer, rows = budget_run(tmp_path, monkeypatch, step_s=0.5, eval_s=0.0, max_time=1.0,
+                               warmup_steps=10, eval_every=50)
+    plans = [r for r in rows if "planned_steps" in r]
+    assert plans[0]["step"] == WARM_STEPS + PLAN_AFTER_STEPS
+    assert plans[0]["planned_steps"] == 120 and plans[0]["seconds_per_step"] == 0.5
+    assert rows[0]["final_step"] == 120
+    assert trainer.schedule(120) == 0.0 and trainer.schedule(65) == pytest.approx(0.5)
+
+
+def test_max_time_counts_validations_and_replans(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # A validation every 60 steps costs 4 s, a step 0.25 s: 0.317 s a step in all, so the 60 s
+    # hold about 189 steps; the first plan, made before any validation (once 10 s are
+    # measured: at step 50), expects 50 + (60 - 12.5) / 0.25 = 240.
+    _, rows = budget_run(tmp_path, monkeypatch, step_s=0.25, eval_s=4.0, max_time=1.0,
+                         eval_every=60)
+    plans = [r["planned_steps"] for r in rows if "planned_steps" in r]
+    assert plans[0] == 240 and len(plans) > 1 and max(plans[1:]) < 200
+    final = rows[0]["final_step"]
+    assert abs(final - plans[-1]) <= 2 and 180 <= final <= 195
+
+
+def test_a_warmup_longer_than_the_run_is_refused(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="warmup_steps=200 is not shorter than the run "
+                                          r"\(120 steps\)"):
+        budget_run(tmp_path / "a", monkeypatch, step_s=0.5, eval_s=0.0, max_time=1.0,
+                   warmup_steps=200)
+    with pytest.raises(ConfigError, match="warmup_steps=50 is not shorter than the run "
+                                          r"\(40 steps\)"):
+        budget_run(tmp_path / "b", monkeypatch, step_s=0.5, eval_s=0.0, max_steps=40,
+                   warmup_steps=50)
