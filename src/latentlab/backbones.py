@@ -43,6 +43,11 @@ PRESETS: dict[str, Preset] = {
     "gpt2-mini": Preset("gpt2", {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 1024}),
     "gpt2-small": Preset("gpt2", {"n_layer": 12, "n_embd": 768, "n_head": 12,
                                   "n_positions": 1024}),
+    # GPT-2 small's depth at half its width (21M parameters besides the embeddings): the
+    # from-scratch task recipes (depth for multi-hop search; a quarter of the compute per token,
+    # so four times the examples in the same minutes).
+    "gpt2-12x384": Preset("gpt2", {"n_layer": 12, "n_embd": 384, "n_head": 6,
+                                   "n_positions": 1024}),
     "qwen3-tiny": Preset("qwen3", {"hidden_size": 128, "num_hidden_layers": 2,
                                    "num_attention_heads": 4, "num_key_value_heads": 2,
                                    "head_dim": 32, "intermediate_size": 384,
