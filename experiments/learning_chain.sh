@@ -15,6 +15,9 @@ R=${1:?usage: learning_chain.sh OUT [overrides]}
 shift
 mkdir -p "$R"
 W=${WORKERS:-2}
+# Runs sharing one GPU each keep a cache of freed blocks; expandable segments return them as
+# shapes change (without, a fifth run found no memory left on an H200).
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 source "$(dirname "$0")/timed.sh"
 run() {  # run NAME CONFIG [overrides]: train the config into R/NAME
   timed "$1" ll train "configs/$2.yaml" "out_dir=$R/$1" "train.data_workers=$W" "${@:3}"

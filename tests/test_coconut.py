@@ -289,16 +289,20 @@ def test_cached_generation_equals_uncached_recomputation(preset: str) -> None:
 
 
 def test_configs_reproduce_the_reference_runs() -> None:
-    prosqa = load_config("configs/prosqa_coconut.yaml")
+    prosqa = load_config("configs/prosqa_coconut_reference.yaml")
     gsm8k = load_config("configs/gsm8k_coconut.yaml")
     countdown = load_config("configs/countdown_coconut.yaml")
     assert (prosqa.method.thoughts_per_step, prosqa.method.max_latent_stage,
             prosqa.method.epochs_per_stage, prosqa.train.epochs) == (1, 6, 5, 50)
+    # The from-scratch recipe keeps the curriculum's shape: c = 1, stages 1..6 from a CoT Base.
+    recipe = load_config("configs/prosqa_coconut.yaml")
+    assert (recipe.method.thoughts_per_step, recipe.method.first_stage,
+            recipe.method.max_latent_stage, recipe.method.uniform_thoughts) == (1, 1, 6, True)
     assert (gsm8k.method.thoughts_per_step, gsm8k.method.max_latent_stage,
             gsm8k.method.epochs_per_stage) == (2, 3, 3)
     assert gsm8k.model.init_from is not None
     assert gsm8k.method.new_token_init == "<<"  # one token of GPT-2's BPE, as the reference
-    for config in (prosqa, gsm8k, countdown):
+    for config in (prosqa, recipe, gsm8k, countdown):
         assert config.method.name == "coconut" and METHODS["coconut"] is Coconut
         assert config.train.batch_size * config.train.grad_accum >= 32
 

@@ -52,6 +52,13 @@ PRESETS: dict[str, Preset] = {
                                    "num_attention_heads": 4, "num_key_value_heads": 2,
                                    "head_dim": 32, "intermediate_size": 384,
                                    "max_position_embeddings": 1024, "tie_word_embeddings": True}),
+    # gpt2-12x384's size with Qwen-3's blocks (rotary positions, RMSNorm, SwiGLU): relative
+    # positions make "the token three back" one attention pattern at every position.
+    "qwen3-12x384": Preset("qwen3", {"hidden_size": 384, "num_hidden_layers": 12,
+                                     "num_attention_heads": 6, "num_key_value_heads": 6,
+                                     "head_dim": 64, "intermediate_size": 1024,
+                                     "max_position_embeddings": 1024,
+                                     "tie_word_embeddings": True}),
     "qwen3-0.6b": Preset("qwen3", {"hidden_size": 1024, "num_hidden_layers": 28,
                                    "num_attention_heads": 16, "num_key_value_heads": 8,
                                    "head_dim": 128, "intermediate_size": 3072,
