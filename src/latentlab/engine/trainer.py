@@ -88,7 +88,7 @@ class Interrupted(RunError):
 
 # Entries of metrics.jsonl rows that measure wall-clock time: they differ between any two runs,
 # all the others are reproducible.
-WALL_CLOCK_KEYS = frozenset({"tokens_per_s", "train_seconds", "seconds_per_step"})
+WALL_CLOCK_KEYS = frozenset({"tokens_per_s", "data_wait", "train_seconds", "seconds_per_step"})
 # Time budget: the first steps of an invocation (compilation, autotuning, the first batches)
 # are left out of the speed that lays out the schedule, which is measured over at least
 # PLAN_AFTER_STEPS further steps and PLAN_AFTER_SECONDS.
@@ -199,7 +199,8 @@ class Trainer:
         self._tty = sys.stderr.isatty()
         bar = tqdm(total=self.schedule.total, initial=state.step, desc="train",
                    dynamic_ncols=True, disable=not (self.acc.is_main_process and self._tty))
-        window = {"tokens": 0, "time": 0.0}  # throughput (wall clock: not checkpointed)
+        # Throughput and the time spent waiting for batches (wall clock: not checkpointed).
+        window = {"tokens": 0, "time": 0.0, "wait": 0.0}
         stop_at = state.step + cfg.stop_after if cfg.stop_after else None
         self._speed_from: tuple[int, float] | None = None  # (step, train_seconds): plan's start
         first_step = state.step
@@ -217,6 +218,7 @@ class Trainer:
                     loader = self._loader(data, batches, state.batch)
                     clock = time.perf_counter()
                     for b, micro in zip(range(state.batch, len(batches)), loader, strict=True):
+                        window["wait"] += time.perf_counter() - clock  # for the next batch
                         if on_start is not None:
                             on_start()
                             on_start = None
@@ -521,6 +523,9 @@ class Trainer:
                "loss": state.loss_sum / state.loss_steps, "lr": scheduler.get_last_lr()[0],
                "grad_norm": grad_norm, "tokens": state.tokens,
                "tokens_per_s": window["tokens"] / max(window["time"], 1e-9),
+               # Share of the steps' wall time spent waiting for the data: above a few percent,
+               # batch generation starves the device (raise train.data_workers).
+               "data_wait": window["wait"] / max(window["wait"] + window["time"], 1e-9),
                "train_seconds": round(state.train_seconds, 2), **means}
         # Loss and token accuracy per part of the sequence (question, steps, answer).
         parts = ", ".join(f"{k.removeprefix('loss_')} {v:.3f}/{means.get('acc_' + k[5:], 0):.1%}"
@@ -529,11 +534,12 @@ class Trainer:
         if not self._tty:
             self.acc.print(f"step {state.step}: loss {row['loss']:.4f}"
                            + (f" ({parts})" if parts else "")
-                           + f", lr {row['lr']:.2e}, {row['tokens_per_s']:.0f} tokens/s")
+                           + f", lr {row['lr']:.2e}, {row['tokens_per_s']:.0f} tokens/s, "
+                           f"{row['data_wait']:.0%} waiting for data")
         self.log(row)
         state.loss_sum, state.loss_steps = 0.0, 0
         state.metric_sums, state.metric_counts = {}, {}
-        window.update(tokens=0, time=0.0)
+        window.update(tokens=0, time=0.0, wait=0.0)
 
     def _log_skip(self, state: TrainerState, result: StepResult) -> None:
         if result.overflow:
