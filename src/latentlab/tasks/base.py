@@ -94,21 +94,30 @@ class TaskConfig(BaseModel):
     def size(self, split: Split) -> int:
         return getattr(self, f"n_{split}")
 
-    def at_epoch(self, epoch: int) -> TaskConfig:
-        """The options in force at training epoch `epoch` (counted over the whole run)."""
+    def phase_at(self, epoch: int) -> int | None:
+        """The curriculum phase of training epoch `epoch` (counted over the whole run); None
+        once the phases are over."""
         start = 0
-        for phase in self.curriculum:
-            if epoch < start + phase["epochs"]:
-                update = {k: v for k, v in phase.items() if k != "epochs"}
-                try:
-                    return type(self).model_validate(
-                        {**self.model_dump(), **update, "curriculum": [], "stream": True})
-                except ValidationError as exc:
-                    raise ConfigError(f"curriculum phase {phase} of task {self.name!r} is "
-                                      f"invalid: {exc.errors()[0]['msg']}",
-                                      fix="correct that phase of task.curriculum") from None
+        for index, phase in enumerate(self.curriculum):
             start += phase["epochs"]
-        return self
+            if epoch < start:
+                return index
+        return None
+
+    def at_epoch(self, epoch: int) -> TaskConfig:
+        """The options in force at training epoch `epoch`."""
+        index = self.phase_at(epoch)
+        if index is None:
+            return self
+        phase = self.curriculum[index]
+        update = {k: v for k, v in phase.items() if k != "epochs"}
+        try:
+            return type(self).model_validate(
+                {**self.model_dump(), **update, "curriculum": [], "stream": True})
+        except ValidationError as exc:
+            raise ConfigError(f"curriculum phase {phase} of task {self.name!r} is invalid: "
+                              f"{exc.errors()[0]['msg']}",
+                              fix="correct that phase of task.curriculum") from None
 
 
 class Task(ABC):
@@ -170,17 +179,15 @@ class Task(ABC):
         return self._at_epoch(epoch).generate_one(rng, "train")
 
     def _at_epoch(self, epoch: int) -> Task:
-        """This task with the options of the curriculum phase of `epoch` (itself without one)."""
-        if not self.config.curriculum:
+        """This task with the options of the curriculum phase of `epoch` (itself without one),
+        built once per phase: it serves every example of the phase's epochs."""
+        index = self.config.phase_at(epoch)
+        if index is None:
             return self
-        config = self.config.at_epoch(epoch)
-        if config is self.config:
-            return self
-        cache = self.__dict__.setdefault("_phases", {})
-        key = config.model_dump_json()
-        if key not in cache:
-            cache[key] = type(self)(config)
-        return cache[key]
+        phases = self.__dict__.setdefault("_phases", {})
+        if index not in phases:
+            phases[index] = type(self)(self.config.at_epoch(epoch))
+        return phases[index]
 
     def write(self, examples: Iterable[Example], path: Path) -> None:
         """Write examples in the format `read` accepts (JSON lines by default)."""
