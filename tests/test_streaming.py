@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def test_streamed_run_killed_with_workers_then_resumed_is_bit_identical(
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(command(straight), check=True, capture_output=True, timeout=300)
-    env = {"PYTHONUNBUFFERED": "1", **dict(__import__("os").environ)}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines arrive as they are printed
     with subprocess.Popen(command(killed), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                           text=True, env=env) as proc:
         assert proc.stdout is not None
