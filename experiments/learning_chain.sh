@@ -11,17 +11,9 @@
 # Extra key=value overrides reach every run (a CPU smoke test: model.name=gpt2-tiny ...).
 # WORKERS (default 2) sets the data workers of each run; Countdown-4's search takes twice that.
 set -uo pipefail
-R=${1:?usage: learning_chain.sh OUT [overrides]}
-shift
-mkdir -p "$R"
-W=${WORKERS:-2}
-# Runs sharing one GPU each keep a cache of freed blocks; expandable segments return them as
-# shapes change (without, a fifth run found no memory left on an H200).
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 source "$(dirname "$0")/timed.sh"
-run() {  # run NAME CONFIG [overrides]: train the config into R/NAME
-  timed "$1" ll train "configs/$2.yaml" "out_dir=$R/$1" "train.data_workers=$W" "${@:3}"
-}
+chain_setup "${1:?usage: learning_chain.sh OUT [overrides]}"
+shift
 
 (
   run prosqa-cot prosqa_cot "$@" &&

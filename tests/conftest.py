@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
+from torch import nn
 
-from latentlab.engine.trainer import WALL_CLOCK_KEYS
+from latentlab.config import TrainConfig
+from latentlab.engine.interface import Stage, StepOutput
+from latentlab.engine.trainer import WALL_CLOCK_KEYS, Trainer
 from latentlab.tasks.base import resolve_path
 
 
@@ -72,3 +77,63 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
     run_dir = root / "run"
     assert main(["train", str(config), f"out_dir={run_dir}"]) == 0
     return FinishedRun(config, run_dir)
+
+
+# ------------------------------------------------------------- the engine on a fake clock
+
+
+class Clock:
+    """A fake `time.perf_counter`: a training step costs `step_s`, a validation `eval_s`."""
+
+    def __init__(self, step_s: float, eval_s: float) -> None:
+        self.now, self.step_s, self.eval_s = 0.0, step_s, eval_s
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Line(nn.Module):
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self.linear, self.clock = nn.Linear(2, 1), clock
+
+    def forward(self, batch: dict[str, Any]) -> StepOutput:
+        self.clock.now += self.clock.step_s
+        return StepOutput(((self.linear(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean())
+
+    def set_stage(self, index: int) -> None:
+        pass
+
+    def save_pretrained(self, path: Path) -> None:
+        torch.save(self.state_dict(), path / "line.pt")
+
+
+def engine_run(run_dir: Path, monkeypatch: pytest.MonkeyPatch, step_s: float, eval_s: float,
+               scores: Callable[[int], dict[str, float]] | None = None,
+               **train: Any) -> tuple[Trainer, list[dict[str, Any]]]:
+    """The engine alone, training a linear regression (64 examples, batches of 8) on a fake
+    clock; validation returns `scores(step)` (default: accuracy 0). Returns the trainer and
+    the rows of metrics.jsonl, each with the final step added as `final_step`."""
+    from latentlab.run import make_accelerator
+
+    run_dir.mkdir(exist_ok=True)
+    clock = Clock(step_s, eval_s)
+    monkeypatch.setattr("latentlab.engine.trainer.time.perf_counter", clock)
+    model = Line(clock)
+
+    def evaluate(step: int) -> dict[str, float]:
+        clock.now += clock.eval_s
+        return scores(step) if scores else {"accuracy": 0.0}
+
+    def data(stage: int, epoch: int) -> list[dict[str, torch.Tensor]]:
+        x = torch.randn(64, 2, generator=torch.Generator().manual_seed(epoch))
+        return [{"x": x[i], "y": x[i].sum()} for i in range(64)]
+
+    config = TrainConfig(**{"batch_size": 8, "lr": 0.1, "log_every": 1000, "epochs": 1000,
+                            **train})
+    trainer = Trainer(model, config, run_dir, make_accelerator("no"),
+                      lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]},
+                      evaluate)
+    state = trainer.fit([Stage("train", config.epochs)], data, num_examples=64)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return trainer, [{**r, "final_step": state.step} for r in rows]

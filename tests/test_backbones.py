@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig
@@ -12,6 +15,7 @@ from latentlab.backbones import (
     add_special_tokens,
     build_backbone,
     build_tokenizer,
+    check_tokenizer_matches,
     compile_transformers,
     count_parameters,
     train_tokenizer,
@@ -104,3 +108,31 @@ def test_compile_transformers_compiles_every_body_once_and_nothing_else() -> Non
     # Every call form of a body gets its graph instead of an eager fallback past 8.
     assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
     assert set(method.state_dict()) == keys
+
+
+def test_an_unknown_hub_id_fails_at_once_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not a preset, not a directory, not cached: with the hub unreachable, no minute of
+    # retries, and a near-miss of a preset is named.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = train_tokenizer(CORPUS, 300)
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match=r"cannot load the model 'gpt2-tny': it is not a preset, "
+                                         r"a local directory or in the Hugging Face cache, and "
+                                         r"the hub cannot be reached.*did you mean the preset "
+                                         r"gpt2-tiny\?"):
+        build_backbone(ModelConfig(name="gpt2-tny"), tok, seed=0)
+    assert time.perf_counter() - start < 5
+
+
+def test_a_model_directory_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
+    tok, other = train_tokenizer(CORPUS, 280), train_tokenizer([t.upper() for t in CORPUS], 280)
+    model = build_backbone(ModelConfig(name="gpt2-tiny"), tok, seed=0)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    other.save_pretrained(tmp_path / "other")
+    own = ModelConfig(name=str(tmp_path / "model"), tokenizer=str(tmp_path / "model"))
+    check_tokenizer_matches(own, tok)  # its own: accepted
+    config = ModelConfig(name=str(tmp_path / "model"), tokenizer=str(tmp_path / "other"))
+    assert len(other) == len(tok)  # the same size: the embedding check cannot see it
+    with pytest.raises(ModelError, match="is not the tokenizer saved with the model"):
+        check_tokenizer_matches(config, other)

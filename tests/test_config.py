@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,15 @@ def test_extends_merges_a_parent_config_and_rejects_cycles(tmp_path: Path) -> No
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="extends itself"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_a_config_loads_without_the_model_code_of_transformers() -> None:
+    # A typo in a config is reported before anything slow is imported: transformers' model
+    # code takes seconds (most of a CLI error's time when every method module imported it).
+    code = ("import sys; from latentlab.cli import main; "
+            "status = main(['train', 'configs/countdown_cot.yaml', 'train.lrr=1']); "
+            "print(status, 'transformers.modeling_utils' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1], timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stderr
+    assert "unknown config key train.lrr" in proc.stderr

@@ -17,6 +17,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def leftovers(run_dir: Path) -> list[str]:
 def test_sigkill_anywhere_then_resume_reaches_identical_weights(
         finished_run: FinishedRun, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    command = train_command(finished_run, run_dir, "--resume")  # a fresh start, too
+    command = train_command(finished_run, run_dir, "--resume")  # once the run has started
     log = []
 
     # Inside the writes: a half-written checkpoint (never loaded); a complete one that `latest`
@@ -119,7 +120,9 @@ def test_sigkill_anywhere_then_resume_reaches_identical_weights(
     for fault, expect_left in (("model_written:2", "checkpoints/step-0000002.tmp"),
                                ("renamed:4", None), ("best_moved:4", ".best.old")):
         expected = resume_point(run_dir)
-        proc = subprocess.run(command, env=child_env(fault), capture_output=True, text=True,
+        resume = ("--resume",) if (run_dir / "config.yaml").exists() else ()  # a fresh start
+        proc = subprocess.run(train_command(finished_run, run_dir, *resume),
+                              env=child_env(fault), capture_output=True, text=True,
                               timeout=TIMEOUT_S)
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         assert_resumed_from(proc.stdout, expected)
@@ -189,17 +192,24 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_130(
     assert "train" in argv and "--resume" in argv  # the invocation that got going last
 
 
+@pytest.mark.parametrize("raised", ["oserror", "zip-writer"])
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
-        finished_run: FinishedRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        raised: str, finished_run: FinishedRun, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # Checkpoints at steps 2, 4, 6 each torch.save rng, optimizer, scheduler: the 8th call is
-    # step 6's optimizer state.
+    # step 6's optimizer state. A full disk reaches torch.save as an OSError, or from its zip
+    # writer as a RuntimeError, told apart from other failures by the free space left.
     calls = itertools.count(1)
     save = torch.save
 
     def full_disk(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
         if next(calls) == 8:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            if raised == "oserror":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(
+                100 * 2**30, 100 * 2**30 - 2**20, 2**20))
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                               "1234 vs 1180")
         save(obj, path, *args, **kwargs)
 
     run_dir = tmp_path / "run"
@@ -210,9 +220,10 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
     assert re.search(r"^latentlab: error: no space left on the device holding .*"
                      r"step-0000006\.tmp/optimizer\.pt\. Fix: free disk space, then run again "
                      r"\(a training run: add --resume\)\.$", err, re.M), err
+    assert leftovers(run_dir) == []  # the partial checkpoint is gone
     assert resume_point(run_dir) == (str(run_dir / "checkpoints" / "step-0000004"), False)
 
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.undo()  # the disk has room again
     assert main(["train", str(finished_run.config), f"out_dir={run_dir}", "--resume"]) == 0
     finished_run.assert_same_as(run_dir)
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from latentlab.backbones import build_backbone, train_tokenizer
 from latentlab.config import ModelConfig
 from latentlab.engine.deferred_grads import defer_shared_grads
+from latentlab.engine.generation import with_cache
 from latentlab.engine.piecewise_cache import PiecewiseLayer, piecewise_cache
 from latentlab.errors import RunError
 
@@ -43,7 +44,7 @@ def test_pieces_through_a_cache_get_the_gradients_of_per_call_autograd(preset: s
         with defer_shared_grads(model) if defer else contextlib.nullcontext() as mode:
             for start, end in ((0, 6), (6, 7), (7, 8), (8, 11)):
                 outputs.append(model.base_model(
-                    inputs_embeds=embeds[:, start:end], past_key_values=cache,
+                    inputs_embeds=embeds[:, start:end], **with_cache(model.base_model, cache),
                     position_ids=torch.arange(start, end).expand(2, -1),
                     use_cache=True).last_hidden_state)
         if mode is not None:

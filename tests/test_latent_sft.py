@@ -21,6 +21,7 @@ from transformers import DynamicCache, PreTrainedTokenizerFast
 
 from latentlab.backbones import EOS, PAD, add_special_tokens, build_backbone, train_tokenizer
 from latentlab.config import ModelConfig, load_config
+from latentlab.engine.generation import with_cache
 from latentlab.errors import ConfigError
 from latentlab.latent_metrics import (
     countdown_solutions,
@@ -196,11 +197,12 @@ def reference_sup_loss(method: LatentSFT, examples: list[Example], average: str)
             chunk = chunks[i + 1]
             cache = DynamicCache(config=decoder.config)
             prefix = torch.cat([e_dec[prompt], torch.stack(zs[:i + 1])])[None]
-            last = decoder.base_model(inputs_embeds=prefix, past_key_values=cache,
+            last = decoder.base_model(inputs_embeds=prefix, **with_cache(decoder.base_model, cache),
                                       use_cache=True).last_hidden_state[:, -1:]
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, -1:], layer.values[:, :, -1:]
-            hidden = decoder.base_model(inputs_embeds=e_dec[chunk][None], past_key_values=cache,
+            hidden = decoder.base_model(inputs_embeds=e_dec[chunk][None],
+                                        **with_cache(decoder.base_model, cache),
                                         position_ids=torch.arange(p + i + 1, p + i + 1
                                                                   + len(chunk))[None]
                                         ).last_hidden_state

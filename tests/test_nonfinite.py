@@ -41,13 +41,15 @@ class InfGradient(torch.autograd.Function):
 
 def poison(monkeypatch: pytest.MonkeyPatch, *at_calls: int, gradient_only: bool = False) -> None:
     """Make the training loss NaN (or, `gradient_only`, its gradient Inf) at the given forward
-    passes from now on (one per optimizer step: the config has no gradient accumulation, and
-    evaluation only generates)."""
+    passes in training mode from now on (one per optimizer step: the config has no gradient
+    accumulation)."""
     calls = itertools.count(1)
     forward = CoT.forward
 
     def poisoned(self: CoT, batch: dict) -> StepOutput:
         out = forward(self, batch)
+        if not self.training:  # the validation loss
+            return out
         if next(calls) not in at_calls:
             return out
         loss = InfGradient.apply(out.loss) if gradient_only else out.loss * math.nan
@@ -62,11 +64,10 @@ def emulate_fp16_scaler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[]
     runs get the GPU's fp16 mode: a GradScaler (scale 1024, halved on overflow) that
     `clip_grad_norm_` unscales and `step` consults. Accelerate's process-wide state is reset
     around it, so that runs before and after keep their own precision."""
-    make = run.make_accelerator
-
-    def with_scaler(mixed_precision: str, find_unused_parameters: bool = False) -> Accelerator:
+    def with_scaler(mixed_precision: str, *args: Any, **kwargs: Any) -> Accelerator:
         AcceleratorState._reset_state()
-        acc = make("fp16", find_unused_parameters)
+        # What accelerate makes of fp16 on a CPU (latentlab itself refuses it there).
+        acc = Accelerator(mixed_precision="fp16")
         acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=1024.0), True
         return acc
 
@@ -165,3 +166,29 @@ def test_too_many_skipped_steps_in_a_row_stop_the_run(
     assert re.search(r"^latentlab: error: step 7: 3 steps in a row made no update .*"
                      r"checkpoints/step-0000006 is the last checkpoint\. Fix: ", err, re.M), err
     assert [r["step"] for r in metric_rows(tmp_path) if "skipped" in r] == [5, 6, 7]
+
+
+def test_a_run_that_skipped_most_of_its_steps_is_not_scored(
+        finished_run: FinishedRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # The NaN error's own advice, followed: steps 3-10 of 12 skipped, none in a row too many.
+    poison(monkeypatch, *range(3, 11))
+    assert main(["train", str(finished_run.config), f"out_dir={tmp_path}",
+                 "train.on_nonfinite=skip"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(r"^latentlab: error: 8 of the run's 12 steps were skipped .*more than "
+                     r"train\.max_skipped_share=0\.5: the model was mostly not trained, and is "
+                     r"not scored\. Fix: train again", err, re.M), err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_a_few_skipped_steps_are_reported_with_the_results(
+        finished_run: FinishedRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    poison(monkeypatch, 3, 9)
+    assert main(["train", str(finished_run.config), f"out_dir={tmp_path}",
+                 "train.on_nonfinite=skip"]) == 0
+    assert "warning: 2 of 12 steps were skipped" in capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["skipped_steps"] == 2 and results["steps"] == 12

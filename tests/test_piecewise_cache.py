@@ -10,6 +10,7 @@ import torch
 
 from latentlab.backbones import build_backbone, train_tokenizer
 from latentlab.config import ModelConfig
+from latentlab.engine.generation import with_cache
 from latentlab.engine.piecewise_cache import PiecewiseLayer, piecewise_cache
 
 
@@ -31,7 +32,8 @@ def test_pieces_equal_one_full_pass_with_gradients(preset: str) -> None:
     assert all(isinstance(layer, PiecewiseLayer) for layer in cache.layers)
     outputs = []
     for start, end in ((0, 6), (6, 7), (7, 8), (8, 11)):  # a prefix, two columns, the rest
-        out = model.base_model(inputs_embeds=embeds[:, start:end], past_key_values=cache,
+        out = model.base_model(inputs_embeds=embeds[:, start:end],
+                               **with_cache(model.base_model, cache),
                                position_ids=torch.arange(start, end).expand(2, -1),
                                use_cache=True)
         outputs.append(out.last_hidden_state)

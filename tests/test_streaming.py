@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,15 +13,12 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import metric_rows
+from conftest import engine_run, metric_rows
 from test_training import final_weights, tiny
-from torch import nn
 
-from latentlab.config import TrainConfig
-from latentlab.engine.interface import Stage, StepOutput
-from latentlab.engine.trainer import PLAN_AFTER_STEPS, WARM_STEPS, Trainer
+from latentlab.engine.trainer import PLAN_AFTER_STEPS, WARM_STEPS
 from latentlab.errors import ConfigError
-from latentlab.run import StreamedEpoch, make_accelerator, train
+from latentlab.run import StreamedEpoch, train
 from latentlab.tasks import CountdownConfig, CountdownTask, ProsQAConfig, ProsQATask
 
 STREAM = ("task.stream=true", "task.n_train=24")  # 3 steps of 8 per epoch
@@ -146,61 +142,11 @@ def test_streamed_run_killed_with_workers_then_resumed_is_bit_identical(
 # --------------------------------------------------------------------------- time budget
 
 
-class Clock:
-    """A fake `time.perf_counter`: a training step costs `step_s`, a validation `eval_s`."""
-
-    def __init__(self, step_s: float, eval_s: float) -> None:
-        self.now, self.step_s, self.eval_s = 0.0, step_s, eval_s
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Line(nn.Module):
-    def __init__(self, clock: Clock) -> None:
-        super().__init__()
-        self.linear, self.clock = nn.Linear(2, 1), clock
-
-    def forward(self, batch: dict[str, Any]) -> StepOutput:
-        self.clock.now += self.clock.step_s
-        return StepOutput(((self.linear(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean())
-
-    def set_stage(self, index: int) -> None:
-        pass
-
-    def save_pretrained(self, path: Path) -> None:
-        torch.save(self.state_dict(), path / "line.pt")
-
-
-def budget_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step_s: float, eval_s: float,
-               **train: Any) -> tuple[Trainer, list[dict[str, Any]]]:
-    tmp_path.mkdir(exist_ok=True)
-    clock = Clock(step_s, eval_s)
-    monkeypatch.setattr("latentlab.engine.trainer.time.perf_counter", clock)
-    model = Line(clock)
-
-    def evaluate(step: int) -> dict[str, float]:
-        clock.now += clock.eval_s
-        return {"accuracy": 0.0}
-
-    def data(stage: int, epoch: int) -> list[dict[str, torch.Tensor]]:
-        x = torch.randn(64, 2, generator=torch.Generator().manual_seed(epoch))
-        return [{"x": x[i], "y": x[i].sum()} for i in range(64)]
-
-    config = TrainConfig(batch_size=8, lr=0.1, log_every=1000, epochs=1000, **train)
-    trainer = Trainer(model, config, tmp_path, make_accelerator("no"),
-                      lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]},
-                      evaluate)
-    state = trainer.fit([Stage("train", config.epochs)], data, num_examples=64)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    return trainer, [{**r, "final_step": state.step} for r in rows]
-
-
 def test_max_time_lays_the_schedule_out_over_the_budget(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # 0.5 s per step, no validation cost: 60 s hold 120 steps. The plan is made once the speed
     # is measured over PLAN_AFTER_STEPS steps after the first WARM_STEPS.
-    trainer, rows = budget_run(tmp_path, monkeypatch, step_s=0.5, eval_s=0.0, max_time=1.0,
+    trainer, rows = engine_run(tmp_path, monkeypatch, step_s=0.5, eval_s=0.0, max_time=1.0,
                                warmup_steps=10, eval_every=50)
     plans = [r for r in rows if "planned_steps" in r]
     assert plans[0]["step"] == WARM_STEPS + PLAN_AFTER_STEPS
@@ -214,7 +160,7 @@ def test_max_time_counts_validations_and_replans(tmp_path: Path,
     # A validation every 60 steps costs 4 s, a step 0.25 s: 0.317 s a step in all, so the 60 s
     # hold about 189 steps; the first plan, made before any validation (once 10 s are
     # measured: at step 50), expects 50 + (60 - 12.5) / 0.25 = 240.
-    _, rows = budget_run(tmp_path, monkeypatch, step_s=0.25, eval_s=4.0, max_time=1.0,
+    _, rows = engine_run(tmp_path, monkeypatch, step_s=0.25, eval_s=4.0, max_time=1.0,
                          eval_every=60)
     plans = [r["planned_steps"] for r in rows if "planned_steps" in r]
     assert plans[0] == 240 and len(plans) > 1 and max(plans[1:]) < 200
@@ -226,9 +172,9 @@ def test_a_warmup_longer_than_the_run_is_refused(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="warmup_steps=200 is not shorter than the run "
                                           r"\(120 steps\)"):
-        budget_run(tmp_path / "a", monkeypatch, step_s=0.5, eval_s=0.0, max_time=1.0,
+        engine_run(tmp_path / "a", monkeypatch, step_s=0.5, eval_s=0.0, max_time=1.0,
                    warmup_steps=200)
     with pytest.raises(ConfigError, match="warmup_steps=50 is not shorter than the run "
                                           r"\(40 steps\)"):
-        budget_run(tmp_path / "b", monkeypatch, step_s=0.5, eval_s=0.0, max_steps=40,
+        engine_run(tmp_path / "b", monkeypatch, step_s=0.5, eval_s=0.0, max_steps=40,
                    warmup_steps=50)

@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from latentlab.config import load_config
 from latentlab.engine.checkpoint import atomic_write_text
-from latentlab.errors import DataError, RunError
+from latentlab.errors import ConfigError, DataError, RunError
 from latentlab.latent_metrics import latent_sft_report
 from latentlab.methods import METHODS
 from latentlab.methods.latent_sft import LatentSFT
@@ -198,12 +198,15 @@ def analyze_run(run_dir: Path, split: Split = "valid", n: int = 500, k: int = 5,
     `run_dir/analysis/` and returns the summary (what `capture.json` holds, plus `files`).
     A `latent_sft` run also gets `latent_sft.json` (ECR@`ecr_k`, `#L`, Pass@1, N_eff), whose
     numbers (without the per-example rows) the summary holds under `latent_sft`."""
+    if n < 2:  # checked first: the split's size is not the problem
+        raise ConfigError(f"n is {n}: the capture matrix compares at least 2 examples",
+                          fix="analyse 2 examples or more")
     _require_latents(run_dir)
     method, config = load_run(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
     task = build_task(config.task)
     examples = task.load(split)[:n]
-    if len(examples) < 2:
-        raise DataError(f"split {split} of run {run_dir} gives {len(examples)} example(s); "
+    if len(examples) < 2:  # n >= 2: the split itself is this small
+        raise DataError(f"split {split} of run {run_dir} holds {len(examples)} example(s); "
                         "the capture matrix needs at least 2", fix="analyse a larger split")
     out = run_dir / "analysis"
     out.mkdir(exist_ok=True)

@@ -7,8 +7,11 @@ place: `add_special_tokens`.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import socket
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,14 +158,52 @@ def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
     if local.is_absolute() or name.startswith((".", "~")):  # a path, not a hub id
         raise ModelError(f"cannot load the {what} {name!r}: directory {local} does not exist",
                          fix="check the path, or use a preset or a hub id")
+    presets = ", ".join(PRESETS)
+    close = difflib.get_close_matches(name, PRESETS, n=1)
+    fix = (f"did you mean the preset {close[0]}? Otherwise use " if close else "use ") + (
+        f"a preset ({presets}), a local directory, or a hub id with network access")
+    try:  # the Hugging Face cache first: no network needed, none waited for
+        return cls.from_pretrained(name, local_files_only=True, **kwargs)
+    except LOAD_ERRORS:
+        pass
+    if not _hub_reachable():
+        raise ModelError(f"cannot load the {what} {name!r}: it is not a preset, a local "
+                         "directory or in the Hugging Face cache, and the hub cannot be "
+                         "reached (offline)", fix=fix)
     try:
         return cls.from_pretrained(name, **kwargs)
     except LOAD_ERRORS as exc:
-        presets = ", ".join(PRESETS)
-        raise ModelError(
-            f"cannot load the {what} {name!r} ({str(exc).splitlines()[0]})",
-            fix=f"use a preset ({presets}), a local directory, or a hub id with network access",
-        ) from None
+        raise ModelError(f"cannot load the {what} {name!r} ({str(exc).splitlines()[0]})",
+                         fix=fix) from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds:
+    offline, `from_pretrained` retries for a minute before it fails."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((host.hostname or "huggingface.co", host.port or 443),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_tokenizer_matches(config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A pretrained model directory that holds its own tokenizer, paired with another one
+    (model.tokenizer): the vocabularies must be the same, or token ids mean other words."""
+    model_dir = resolve_path(config.name)
+    if config.tokenizer in ("auto", "train", "gpt2-bpe") or not model_dir.is_dir():
+        return
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return
+    own = _from_pretrained(AutoTokenizer, str(model_dir), "tokenizer")
+    if own.get_vocab() != tokenizer.get_vocab():
+        raise ModelError(f"model.tokenizer={config.tokenizer} is not the tokenizer saved with "
+                         f"the model {model_dir}: their vocabularies differ",
+                         fix="set model.tokenizer=auto (the model's own tokenizer)")
 
 
 def add_special_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel,

@@ -12,32 +12,41 @@ import contextlib
 import json
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from latentlab.errors import LatentlabError, PathError
+from latentlab.errors import ConfigError, LatentlabError, PathError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not sys.stderr.isatty():  # in a log file, transformers' load/save bars are noise
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
     try:
+        args = build_parser().parse_args(argv)  # a usage error is a ConfigError (`_Parser`)
+        if args.func is not cmd_train:  # train checks its config first (a typo fails fast)
+            _quiet_progress_bars()
         with _sigterm_interrupts():
             status = int(args.func(args) or 0)
         _leave_process_group()
         return status
     except KeyboardInterrupt as exc:  # outside the training loop, which saves and stops itself
-        return _report(f"interrupted by {exc or 'SIGINT'}. Fix: run the command again (a "
+        # Ctrl-C raises a KeyboardInterrupt without text; `_sigterm_interrupts` names SIGTERM.
+        return _report(f"interrupted by {str(exc) or 'SIGINT'}. Fix: run the command again (a "
                        "training run continues from its last checkpoint with --resume).", 130)
     except OSError as exc:
         return _report(str(PathError.from_os_error(exc)), 2)
     except LatentlabError as err:
-        from latentlab.engine.trainer import Interrupted
-        return _report(str(err), 130 if isinstance(err, Interrupted) else 2)
+        # Only training raises Interrupted: without the trainer loaded (a usage error, a bad
+        # option) the error is not one, and importing it (torch) would take seconds.
+        trainer = sys.modules.get("latentlab.engine.trainer")
+        interrupted = trainer is not None and isinstance(err, trainer.Interrupted)
+        return _report(str(err), 130 if interrupted else 2)
+
+
+def _quiet_progress_bars() -> None:
+    """In a log file, transformers' load/save bars are noise (importing it takes seconds)."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
 
 
 def _leave_process_group() -> None:
@@ -71,16 +80,25 @@ def _sigterm_interrupts() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors (a missing argument, `--n abc`) raised as ConfigError,
+    so that `main` prints them in one line like every other error rather than the usage text;
+    sub-command parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message, fix=f"see `{self.prog} --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentlab", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="latentlab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a method on a task from a YAML config")
     p.add_argument("config", type=Path, help="YAML config, e.g. configs/countdown_cot.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in the config's out_dir from its last checkpoint "
-                        "(or start it, if it has none)")
+                   help="continue the run in the out_dir the config and overrides give, from "
+                        "its last checkpoint (an error if that directory holds no run)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a finished run's best model")
@@ -99,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--split", default="train", choices=["train", "valid", "test"],
                    help="valid/test draw from held-out targets where the task has them")
-    g.add_argument("--operands", type=int, help="Countdown: numbers per problem (3, 4, 5)")
+    g.add_argument("--operands", type=int,
+                   help="Countdown: numbers per problem (sets task.operands, whose limits apply)")
     g.add_argument("--out", type=Path, required=True)
+    g.add_argument("--force", action="store_true", help="replace --out if it exists")
     g.add_argument("options", nargs="*", help="task options, e.g. max_operand=50")
     g.set_defaults(func=cmd_data_generate)
 
@@ -113,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="tokens listed per latent")
     p.add_argument("--readout", default="lm_head", choices=["lm_head", "embeddings"])
     p.add_argument("--variance", type=float, default=0.9,
-                   help="variance each slot's principal subspace explains")
+                   help="share of variance each slot's principal subspace explains, in (0, 1]")
     p.add_argument("--max-components", type=int, help="cap on a slot's subspace dimension")
     p.add_argument("--ecr-k", type=int, default=50,
                    help="latent_sft runs: K of ECR@K, the top-K tokens of a latent searched "
@@ -146,19 +166,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_results(results: dict[str, Any]) -> None:
-    """The results line, once: under torchrun or accelerate launch every process returns them."""
+def print_results(results: dict[str, Any], summary: Sequence[str] = ()) -> None:
+    """The results line, once: under torchrun or accelerate launch every process returns them.
+    `summary`, lines for a person, goes to stderr first: scripts parse the last stdout line."""
     from accelerate import PartialState
 
     if PartialState().is_main_process:
+        for line in summary:
+            print(line, file=sys.stderr)
         print(json.dumps(results))
+
+
+def _require_at_least(flag: str, value: int | None, minimum: int, why: str = "") -> None:
+    """Refuse a count below `minimum` before the command does any work (None: not given)."""
+    if value is not None and value < minimum:
+        raise ConfigError(f"{flag} is {value}{why}", fix=f"give {flag} {minimum} or more")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from latentlab.config import load_config
+
+    config = load_config(args.config, args.overrides)  # before the slow imports below
+    _quiet_progress_bars()
     from latentlab.run import train
 
-    config = load_config(args.config, args.overrides)
     results = train(config, resume=args.resume)
     print_results(results)
     return 0
@@ -167,25 +198,54 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from latentlab.run import evaluate_run
 
+    # evaluate_run refuses a --batch-size or --max-new-tokens below 1 before loading the model.
     results = evaluate_run(args.run_dir, args.split, args.data, args.batch_size,
                            args.max_new_tokens)
-    print_results(results)
+    print_results(results, _eval_summary(results))
     return 0
 
 
+def _eval_summary(results: dict[str, Any]) -> list[str]:
+    """`latentlab eval`'s results in words: the headline score, then the other metrics."""
+    what = "accuracy" if "accuracy" in results else "perplexity"
+    score = results[what]
+    scored = f"{what} {score:.1%}" if what == "accuracy" else f"{what} {score:.3f}"
+    if results.get("data"):  # --data: the split only names the predictions file
+        scored += f" on {results['n']} examples of {results['data']}"
+    else:
+        scored = (f"{results['split']} {scored} on {results['n']} "
+                  + ("examples" if what == "accuracy" else "windows"))
+    best_step = results.get("best_step")  # None: a run from before best/ recorded its step
+    model = "best model" + (f" from step {best_step}" if best_step is not None else "")
+    lines = [f"{scored} ({results['method']} on {results['task']}, run {results['run_dir']}, "
+             f"{model})"]
+    others = [f"{key} {value:.4g}" for key, value in results.items()
+              if key not in (what, "n", "best_step") and isinstance(value, int | float)
+              and not isinstance(value, bool)]
+    if others:
+        lines.append("other metrics: " + ", ".join(others))
+    return lines
+
+
 def cmd_data_generate(args: argparse.Namespace) -> int:
+    _require_at_least("--n", args.n, 1)
     from latentlab.config import load_config
-    from latentlab.errors import ConfigError
     from latentlab.tasks import build_task
 
-    if args.n < 1:
-        raise ConfigError(f"--n is {args.n}", fix="give the number of examples, 1 or more")
     overrides = [f"task.{o}" for o in args.options]
-    if args.operands is not None:
+    if args.operands is not None:  # the task's config checks it: one rule for files and CLI
         overrides.append(f"task.operands={args.operands}")
     config = load_config(base={"task": {"name": args.task}, "method": {"name": "cot"}},
                          overrides=overrides)
     task = build_task(config.task)
+    # Before generating (minutes for a large --n): refuse an --out that cannot be written.
+    if args.out.is_dir():
+        raise PathError(f"--out {args.out} is a directory",
+                        fix="give the path of a file to write, e.g. "
+                            f"{args.out / f'{args.task}-{args.split}.jsonl'}")
+    if args.out.exists() and not args.force:
+        raise PathError(f"--out {args.out} already exists",
+                        fix="add --force or choose another --out")
     examples = task.generate(args.split, args.n, args.seed)
     task.write(examples, args.out)
     print(json.dumps({"task": args.task, "split": args.split, "n": len(examples),
@@ -194,15 +254,45 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    # The options first: importing the analysis (torch, scikit-learn) takes seconds.
+    _require_at_least("--n", args.n, 2, why=": the capture matrix compares at least 2 examples")
+    _require_at_least("--top-k", args.top_k, 1)
+    _require_at_least("--max-components", args.max_components, 1)
+    _require_at_least("--ecr-k", args.ecr_k, 1)
+    if not 0.0 < args.variance <= 1.0:  # NaN fails too
+        raise ConfigError(f"--variance is {args.variance}",
+                          fix="give a share of variance above 0 and at most 1, e.g. 0.9")
     from latentlab.analysis import analyze_run
 
     summary = analyze_run(args.run_dir, args.split, args.n, args.top_k, args.readout,
                           args.variance, args.max_components, args.ecr_k)
-    print(json.dumps(summary))
+    print_results(summary, _analysis_summary(summary))
     return 0
 
 
+def _analysis_summary(summary: dict[str, Any]) -> list[str]:
+    """`latentlab analyze`'s summary in words: the capture numbers and where the files are."""
+    head = (f"{summary['method']} on {summary['task']}, {summary['split']} split, "
+            f"{summary['n']} examples: ")
+    if summary["h_off"] is None:
+        head += "one latent slot, so no H_off or silhouette"
+    else:
+        head += (f"H_off {summary['h_off']:.3f} (isotropic chance {summary['chance']:.3f}), "
+                 f"silhouette {summary['silhouette']:.3f}")
+    lines = [head, f"subspace dimensions per slot: {' '.join(map(str, summary['components']))} "
+                   f"(explaining {summary['variance']:g} of each slot's variance, at most "
+                   f"{summary['max_components']})"]
+    latent_sft = summary.get("latent_sft")
+    if latent_sft is not None:
+        n_eff = latent_sft["n_eff_mean"]
+        lines.append(f"Latent-SFT: ECR@{latent_sft['k']} {latent_sft['ecr_at_k']:.3f}"
+                     + (f", mean N_eff {n_eff:.3f}" if n_eff is not None else ""))
+    lines.append("files: " + ", ".join(summary["files"]))
+    return lines
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
+    _require_at_least("--workers", args.workers, 0)
     from latentlab.sweep import load_sweep, plan_table, run_sweep
 
     if args.dry_run:
@@ -222,6 +312,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    _require_at_least("--steps", args.steps, 1)
     from latentlab.demo import run_demo
 
     methods = args.methods.split(",") if args.methods else None

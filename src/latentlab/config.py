@@ -74,6 +74,10 @@ class TrainConfig(Section):
                                      "during training (None: all)")
     save_every: int = Field(0, ge=0, description="steps between resumable checkpoints; "
                             "0: at each validation")
+    save_every_minutes: float | None = Field(
+        5.0, gt=0, description="also checkpoint when this many minutes of training have passed "
+        "since the last checkpoint (a killed run loses at most that much); None: steps and "
+        "validations only")
     stop_after: int | None = Field(None, ge=1, description="end this invocation after this many "
                                    "optimizer steps with a checkpoint (for time-limited jobs); "
                                    "`--resume` continues")
@@ -93,6 +97,14 @@ class TrainConfig(Section):
     max_skipped_steps: int = Field(25, ge=1, description="consecutive steps without an update "
                                    "(skipped non-finite steps, fp16 loss-scale overflows) after "
                                    "which the run stops: the run diverged")
+    max_skipped_share: float = Field(
+        0.5, ge=0, le=1, description="share of all steps that may be skipped (non-finite, fp16 "
+        "overflows); a run that skipped more ends with an error instead of results: its model "
+        "was mostly not trained")
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers that get every metrics.jsonl "
+        "row, through accelerate (tensorboard: logs under RUN_DIR/trackers; each needs its "
+        "package installed, e.g. pip install 'latentlab[tensorboard]')")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

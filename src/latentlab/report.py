@@ -9,9 +9,9 @@ as the mean and the standard deviation over its seeds.
 Figures (each built only when some run has the data): accuracy against `N_L` per method and
 task; Countdown accuracy by operand count, one line per `N_L`; validation curves (accuracy,
 perplexity); perplexity by position after the latents (Coprocessor text runs); capture
-heatmaps side by side. Plus a method x task table, `results.csv` (one row per run) and
-`results.json` (runs, groups, and every figure's plotted numbers). docs/sweeps_reports.md
-describes them.
+heatmaps side by side; accuracy axes read in % and never leave 0..100%. Plus a method x task
+table, `results.csv` (one row per run) and `results.json` (runs, groups, and every figure's
+plotted numbers). docs/sweeps_reports.md describes them.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ import numpy as np
 import yaml
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
 from latentlab.engine.checkpoint import atomic_write_text
 from latentlab.errors import DataError, RunError
@@ -250,6 +252,8 @@ class Plot:
     panels: dict[str, list[Line]] = field(default_factory=dict)
     heatmaps: dict[str, list[list[float]]] = field(default_factory=dict)
     panel_ylabels: dict[str, str] = field(default_factory=dict)  # where not `ylabel`
+    # The y values are shares (accuracy, 0..1): the axis stays within 0..100% and reads in %.
+    share: bool = False
 
 
 def _line(label: str, points: dict[float, Stat], reference: bool = False) -> Line:
@@ -287,7 +291,7 @@ def accuracy_vs_latents(groups: Sequence[Group], split: Split) -> Plot | None:
                 f"{split.capitalize()} accuracy against the number of latents `N_L`, per task; "
                 "points are means over seeds, bars one standard deviation; dashed lines are "
                 "methods without latents.", "latent budget N_L", f"{split} accuracy",
-                panels=panels)
+                panels=panels, share=True)
 
 
 def countdown_by_operands(groups: Sequence[Group], split: Split) -> Plot | None:
@@ -307,7 +311,7 @@ def countdown_by_operands(groups: Sequence[Group], split: Split) -> Plot | None:
                 "factor), one panel per method and one line per `N_L`; means over seeds, bars "
                 "one standard deviation.", "operands", f"{split} accuracy",
                 panels={p: [_line(label, points) for label, points in lines.items()]
-                        for p, lines in panels.items()})
+                        for p, lines in panels.items()}, share=True)
 
 
 def validation_curves(groups: Sequence[Group], metric: str) -> Plot | None:
@@ -326,7 +330,7 @@ def validation_curves(groups: Sequence[Group], metric: str) -> Plot | None:
     return Plot(f"valid_{metric}", f"validation {metric} during training",
                 f"Validation {metric} logged during training (`metrics.jsonl`) against the "
                 "optimizer step; means over seeds at the steps every seed logged.",
-                "step", f"validation {metric}", panels=panels)
+                "step", f"validation {metric}", panels=panels, share=metric == "accuracy")
 
 
 def perplexity_by_position(groups: Sequence[Group], split: Split) -> Plot | None:
@@ -410,6 +414,8 @@ def render(plot: Plot, path: Path) -> Figure:
             ax.errorbar(line.x, line.y, yerr=line.err, label=line.label, capsize=3,
                         marker="" if line.reference else "o",
                         linestyle="--" if line.reference else "-")
+        if plot.share:
+            _share_axis(ax)
         ax.set(title=textwrap.fill(title, TITLE_WIDTH), xlabel=plot.xlabel,
                ylabel=plot.panel_ylabels.get(title, plot.ylabel))
         ticks = sorted({x for line in lines if not line.reference for x in line.x}
@@ -425,6 +431,22 @@ def render(plot: Plot, path: Path) -> Figure:
     fig.suptitle(plot.title)
     fig.savefig(path, dpi=120)
     return fig
+
+
+def _share_axis(ax: Axes) -> None:
+    """Keep a share's y axis (accuracy) within 0..100%, in %. Matplotlib pads its automatic
+    limits, and widens a flat line (runs all at 0% or 100%) to a span around it: without the
+    cut, the axis would show impossible values such as -4%."""
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, 0.0), min(high, 1.0))
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    for container in ax.containers:
+        if isinstance(container, ErrorbarContainer) and container.lines[0] is not None:
+            # A line at 0% or 100% now lies on the axis edge: drawn unclipped and above the
+            # spine, or the spine would hide it. Its points are inside the limits; the error
+            # bars, which may reach past 0..100%, stay clipped.
+            container.lines[0].set_clip_on(False)
+            container.lines[0].set_zorder(3)
 
 
 def _heatmap(ax: Axes, values: np.ndarray, title: str) -> Any:

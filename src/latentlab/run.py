@@ -7,7 +7,9 @@ scores any method on any list of examples; `load_run` rebuilds a trained method 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -30,15 +32,22 @@ from latentlab.backbones import (
     add_special_tokens,
     build_backbone,
     build_tokenizer,
+    check_tokenizer_matches,
     compile_transformers,
     count_parameters,
     load_pretrained_dir,
     load_saved_tokenizer,
 )
 from latentlab.config import RunConfig, dump_config, load_config
-from latentlab.engine.checkpoint import atomic_write_text, existing_dir, replace_dir
-from latentlab.engine.trainer import Trainer
-from latentlab.errors import ConfigError, DataError, RunError
+from latentlab.engine.checkpoint import (
+    BEST_FILE,
+    atomic_write_text,
+    existing_dir,
+    replace_dir,
+    run_lock,
+)
+from latentlab.engine.trainer import TIE_BREAK_METRIC, Trainer
+from latentlab.errors import ConfigError, DataError, NumericalError, RunError, require_file
 from latentlab.methods import METHODS, Method
 from latentlab.methods.base import (
     answer_text,
@@ -60,23 +69,34 @@ RUN_ENTRIES = ("checkpoints", "best", "metrics.jsonl", "results.json", "environm
 # (compiled, replayed from CUDA graphs) and how many processes prepare its batches. `out_dir`
 # may change too: a run directory can be moved.
 RESUMABLE_CHANGES = ("train.stop_after", "train.on_nonfinite", "train.max_skipped_steps",
-                     "model.compile", "train.cuda_graphs", "train.data_workers")
+                     "train.max_skipped_share", "model.compile", "train.cuda_graphs",
+                     "train.data_workers", "train.save_every_minutes", "train.trackers")
 TOKENIZER_DOCUMENTS = 200  # documents a text run trains its tokenizer on
 TOKENIZER_EXAMPLES = 5_000  # streamed examples a reasoning run trains its tokenizer on
 STREAM_ATTEMPTS = 100  # draws per streamed example before every draw is called too long
 
 
-def make_accelerator(mixed_precision: str, find_unused_parameters: bool = False) -> Accelerator:
+def make_accelerator(mixed_precision: str, find_unused_parameters: bool = False,
+                     trackers: Sequence[str] = (), run_dir: Path | None = None) -> Accelerator:
     if mixed_precision == "auto":
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         mixed_precision = "bf16" if bf16 else "no"
+    elif mixed_precision == "fp16" and not torch.cuda.is_available():
+        # Accelerate would train in float32 while config.yaml said fp16.
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU, and none is visible",
+                          fix="set train.mixed_precision=auto, no or bf16 (CPUs run bf16)")
+    for tracker in trackers:
+        if importlib.util.find_spec(tracker) is None:
+            raise ConfigError(f"train.trackers names {tracker}, which is not installed",
+                              fix=f"pip install {tracker}, or drop it from train.trackers")
     handlers = ([DistributedDataParallelKwargs(find_unused_parameters=True)]
                 if find_unused_parameters else [])
     # Processes launched on CPUs alone (torchrun): without `cpu`, accelerate sets up no process
     # group there, and every process takes itself for the main one.
     launched_on_cpus = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=handlers,
-                       cpu=launched_on_cpus)
+                       cpu=launched_on_cpus, log_with=list(trackers) or None,
+                       project_dir=run_dir)
 
 
 def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
@@ -84,7 +104,19 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     run_dir = config.run_dir()
     _check_run_dir(run_dir, config, resume)
     acc = make_accelerator(config.train.mixed_precision,
-                           METHODS[config.method.name].ddp_find_unused_parameters(config.method))
+                           METHODS[config.method.name].ddp_find_unused_parameters(config.method),
+                           config.train.trackers, run_dir)
+    # One command per run directory (the main process holds it for the run's processes).
+    with run_lock(run_dir) if acc.is_main_process else contextlib.nullcontext():
+        if acc.is_main_process:
+            _check_run_dir(run_dir, config, resume)  # again: another command may have started
+        try:
+            return _train(config, resume, run_dir, acc)
+        finally:
+            acc.end_training()
+
+
+def _train(config: RunConfig, resume: bool, run_dir: Path, acc: Accelerator) -> dict[str, Any]:
     set_seed(config.train.seed)
     task = build_task(config.task)
     text = isinstance(task, TextTask)
@@ -101,6 +133,11 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         train_data = (StreamedEpoch(task, 0, TOKENIZER_EXAMPLES) if config.task.stream
                       else task.load("train"))
         valid_data = task.load("valid")
+        for split in config.eval.splits:  # fail now, not after training, on a missing file
+            if (path := config.task.path(split)) is not None:
+                require_file(resolve_path(path), f"task.{split}",
+                             fix=f"set task.{split} to an existing file (or LATENTLAB_SHARED "
+                                 "to the folder holding the reference data)")
         texts = (prompt_text(e) + steps_text(e.steps) + answer_text(e) for e in train_data)
         method = build_method(config, texts, run_dir)
         encode = method.encode
@@ -113,7 +150,9 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         # that a start that fails (bad data or model, a damaged checkpoint) writes nothing.
         if acc.is_main_process:
             dump_config(config, run_dir / CONFIG_FILE)
-            write_environment(run_dir / "environment.json")
+            write_environment(run_dir / "environment.json", _resolved_paths(config))
+        if config.train.trackers:
+            acc.init_trackers("trackers", config=_flat(config.model_dump(mode="json")))
 
     n_params = count_parameters(method)
     n_trainable = count_parameters(method, trainable_only=True)
@@ -148,7 +187,13 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     def validate(step: int) -> dict[str, Any]:
         if text:
             return perplexity(method, eval_subset, config.eval.batch_size)
-        return evaluate(method, task, eval_subset, config.eval, acc)[0]
+        metrics = evaluate(method, task, eval_subset, config.eval, acc)[0]
+        if not method.scores_held_out_loss():
+            return metrics
+        # The teacher-forced loss breaks ties between models of equal accuracy.
+        loss = validation_loss(method, [encode(e) for e in eval_subset],
+                               config.eval.batch_size, acc)
+        return {**metrics, TIE_BREAK_METRIC: loss}
 
     trainer = Trainer(method, config.train, run_dir, acc, method.collate, validate,
                       select_metric="perplexity" if text else "accuracy",
@@ -160,11 +205,24 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         return {"task": config.task.name, "method": config.method.name,
                 "run_dir": str(run_dir), "stopped_at_step": state.step}
 
+    if state.skipped_steps > config.train.max_skipped_share * state.step:
+        raise NumericalError(
+            f"{state.skipped_steps} of the run's {state.step} steps were skipped (a non-finite "
+            f"loss or gradient, or fp16 overflows), more than train.max_skipped_share="
+            f"{config.train.max_skipped_share:g}: the model was mostly not trained, and is not "
+            "scored", fix="train again in a new out_dir with a lower train.lr, or "
+                          "train.mixed_precision=bf16 or no (docs/reliability.md)")
+    if state.skipped_steps:
+        acc.print(f"[latentlab] warning: {state.skipped_steps} of {state.step} steps were "
+                  "skipped (results.json: skipped_steps)")
+
     # Score the best model (chosen on validation) on the final splits.
     best, _ = load_run(run_dir, acc.device)
     results: dict[str, Any] = {"task": config.task.name, "method": config.method.name,
                                "model": config.model.name, "run_dir": str(run_dir),
-                               "parameters": n_params, "trainable_parameters": n_trainable}
+                               "parameters": n_params, "trainable_parameters": n_trainable,
+                               "best_step": state.best_step, "steps": state.step,
+                               "skipped_steps": state.skipped_steps}
     for split in config.eval.splits:
         with acc.autocast():
             if text:
@@ -223,6 +281,30 @@ class StreamedEpoch(Sequence[Any]):
 
 
 @torch.no_grad()
+def validation_loss(method: Method, features: list[dict[str, Any]], batch_size: int,
+                    acc: Accelerator) -> float:
+    """Mean teacher-forced training loss over `features`, split across processes and summed
+    over them (every process must take the same best-model decision). The global RNG is
+    left as it was: a method that samples in its forward must not change training's draws."""
+    was_training = method.training
+    method.eval()
+    total = torch.zeros(2, device=acc.device)  # loss x examples, examples
+    mine = features[acc.process_index::acc.num_processes]
+    devices = [acc.device] if acc.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
+            batch = {k: v.to(acc.device) if isinstance(v, Tensor) else v
+                     for k, v in method.collate(chunk).items()}
+            total += torch.stack([method(batch).loss.float() * len(chunk),
+                                  torch.tensor(float(len(chunk)), device=acc.device)])
+    method.train(was_training)
+    if acc.num_processes > 1:
+        total = acc.reduce(total, reduction="sum")
+    return float(total[0] / total[1].clamp(min=1))
+
+
+@torch.no_grad()
 def perplexity(method: Method, windows: list[list[int]], batch_size: int) -> dict[str, Any]:
     """Validation perplexity of a pretraining run, and by position where the method scores
     positions (the k-th token after the latents): `perplexity_by_position[k-1]`."""
@@ -264,6 +346,7 @@ def build_method(config: RunConfig, training_texts: Iterable[str], run_dir: Path
             tokenizer = load_saved_tokenizer(saved)
         else:
             tokenizer = build_tokenizer(config.model, training_texts)
+            check_tokenizer_matches(config.model, tokenizer)
             # Saved as it is now, before the method adds its tokens (a resumed run then builds
             # the same backbone), once the model has loaded.
             new_tokenizer = copy.deepcopy(tokenizer)
@@ -402,7 +485,18 @@ def evaluate_run(run_dir: Path, split: Split = "test", data: Path | None = None,
     if acc.is_main_process:
         write_predictions(run_dir / f"predictions-{name}.jsonl", rows)
     return {"task": config.task.name, "method": config.method.name, "split": split,
-            "data": str(data) if data else None, **metrics, "run_dir": str(run_dir)}
+            "data": str(data) if data else None, **metrics, "run_dir": str(run_dir),
+            "best_step": best_step(run_dir)}
+
+
+def best_step(run_dir: Path) -> int | None:
+    """The training step whose model `best/` holds (None for runs written before it was
+    recorded)."""
+    best = existing_dir(run_dir / "best")
+    try:
+        return int(json.loads((best / BEST_FILE).read_text())["step"]) if best else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -423,6 +517,14 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
             raise RunError(f"{run_dir} holds {', '.join(found)} but no {CONFIG_FILE}: it is not "
                            "a latentlab run, and starting one there would overwrite them",
                            fix="set out_dir=... to a new or empty directory")
+        if resume:
+            runs = sorted(str(p.parent) for p in run_dir.parent.glob(f"*/{CONFIG_FILE}"))
+            raise RunError(
+                f"--resume found no run to continue in {run_dir} (the out_dir this config and "
+                "its overrides give), so nothing was trained"
+                + (f"; runs beside it: {', '.join(runs[:5])}" if runs else ""),
+                fix="repeat the overrides of the run to continue (or set out_dir=... to its "
+                    "directory), or drop --resume to start a new run")
         return
     if not resume:
         raise RunError(f"run directory {run_dir} already holds a run",
@@ -452,9 +554,30 @@ def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[s
     return keys
 
 
-def write_environment(path: Path) -> None:
-    """Versions, git commit and hardware of this invocation, for reproducibility; those of the
-    run's earlier invocations (a resume may run elsewhere) move to its `earlier` list."""
+def _resolved_paths(config: RunConfig) -> dict[str, str]:
+    """The files a config names, as this invocation found them (`${LATENTLAB_SHARED}` and
+    relative paths resolved): config.yaml keeps them as written, so that it travels."""
+    named = {f"task.{k}": getattr(config.task, k, None) for k in ("train", "valid", "test")}
+    named["model.init_from"] = config.model.init_from
+    return {k: str(resolve_path(str(v)).resolve()) for k, v in named.items() if v}
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as tracker hyperparameters: dotted keys, scalar values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = (value if isinstance(value, int | float | str | bool)
+                                  else json.dumps(value))
+    return flat
+
+
+def write_environment(path: Path, paths: dict[str, str] | None = None) -> None:
+    """Versions, git commit and hardware of this invocation, and the files its config names,
+    resolved, for reproducibility; those of the run's earlier invocations (a resume may run
+    elsewhere) move to its `earlier` list."""
     versions = {}
     for pkg in ("latentlab", "torch", "transformers", "accelerate", "tokenizers", "safetensors"):
         try:
@@ -477,6 +600,8 @@ def write_environment(path: Path) -> None:
     env = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "python": sys.version.split()[0], "platform": platform.platform(),
            "packages": versions, "git_commit": commit, "gpus": gpus,
-           "cpu_count": os.cpu_count(), "argv": sys.argv, "earlier": earlier}
+           "cpu_count": os.cpu_count(), "argv": sys.argv,
+           "latentlab_shared": os.environ.get("LATENTLAB_SHARED"), "paths": paths or {},
+           "earlier": earlier}
     atomic_write_text(path, json.dumps(env, indent=1))
 

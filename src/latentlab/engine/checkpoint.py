@@ -7,11 +7,14 @@ Layout under `RUN_DIR/`:
         scaler.pt               fp16 only: the loss scaler's scale and growth tracker
         state.json              written last: a directory without it is incomplete
     checkpoints/latest          the name of the newest complete checkpoint (replaced atomically)
-    best/                       the best model so far (`save_pretrained`), swapped in atomically
+    best/                       the best model so far (`save_pretrained`) and best.json (its
+                                step and validation numbers), swapped in atomically
 
 A checkpoint is written under a temporary name (`step-0000120.tmp`), renamed once complete, and
-only then named in `latest`; older checkpoints are deleted after that. A crash at any moment
-leaves the previous checkpoint loadable, and a partial one is never loaded.
+only then named in `latest`; of the older ones, the newest is kept (a damaged latest checkpoint
+still leaves one to resume from) and the rest are deleted. A crash at any moment leaves the
+previous checkpoint loadable, and a partial one is never loaded. A write that fails (a full
+disk) removes its partial checkpoint and raises a `PathError` naming the file.
 
 Fault injection, for tests only: with `LATENTLAB_FAULT=<point>:<step>` in the environment the
 process kills itself with SIGKILL at that point of the write for optimizer step `<step>`:
@@ -23,25 +26,34 @@ process kills itself with SIGKILL at that point of the write for optimizer step 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import pickle
 import random
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from latentlab.errors import RunError
+from latentlab.errors import PathError, RunError
 
 FAULT_ENV = "LATENTLAB_FAULT"
 STATE_FILE = "state.json"
+LOCK_FILE = ".lock"
+BEST_FILE = "best.json"  # in best/: the step (and validation numbers) of the model it holds
+KEEP_CHECKPOINTS = 2  # the latest and the one before it
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
 # What reading a damaged or foreign checkpoint file raises (torch.load, safetensors, json).
 _UNREADABLE = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError,
                SafetensorError)
@@ -60,6 +72,82 @@ def atomic_write_text(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+_HELD_LOCKS: set[IO[str]] = set()
+
+
+def _drop_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) shares the lock's open file: if the run is killed,
+    a worker still alive would keep the directory locked. The child drops its copy; the
+    parent's lock is unaffected."""
+    for handle in _HELD_LOCKS:
+        handle.close()
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir` for this process: a second command training into the same directory
+    would interleave its metrics and checkpoints with this one's. The lock is an advisory
+    `flock` on `run_dir/.lock`, released by the kernel when the process ends, however it
+    ends (a SIGKILLed run leaves no stale lock). The file is removed on release, and the
+    directory too if this process made it and nothing was written into it (a start that
+    failed leaves nothing behind)."""
+    created = not run_dir.exists()
+    path = run_dir / LOCK_FILE
+    while True:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunError(f"run directory {run_dir} is in use by {holder}",
+                           fix="wait for that command to finish, or set out_dir=... to another "
+                               "directory") from None
+        # The holder before us may have removed the file between our open and our lock:
+        # then the lock is on a file nobody else will see, and we take a new one.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"latentlab process {os.getpid()}\n")
+    handle.flush()
+    _HELD_LOCKS.add(handle)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still held: a waiting process re-checks the file
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only if empty
+        _HELD_LOCKS.discard(handle)
+        handle.close()
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a failed write of `path` into a `PathError` naming it. torch.save reports a full
+    disk as a RuntimeError from its zip writer ("unexpected pos"), not as an OSError."""
+    try:
+        yield
+    except OSError:
+        raise
+    except (RuntimeError, SafetensorError) as exc:
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        if free < 64 * 2**20:  # under 64 MiB left: the disk filled up during the write
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise PathError(f"writing {path} failed ({_first_line(exc)})",
+                        fix="check the file system holding it, then run again (a training "
+                            "run: add --resume)") from None
 
 
 def replace_dir(dest: Path, write: Callable[[Path], Any], fault_step: int | None = None) -> None:
@@ -93,8 +181,11 @@ def _sibling(dest: Path, suffix: str) -> Path:
 
 
 def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root` to disk, with the permissions the umask gives (safetensors
+    writes its files private, 0600, where everything else a run writes is readable)."""
     for path in sorted(root.rglob("*")):
         if path.is_file():
+            path.chmod(FILE_MODE)
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
 
@@ -146,25 +237,34 @@ class CheckpointManager:
 
     def write_main_state(self, tmp: Path, model: torch.nn.Module, optimizer: Any,
                          scheduler: Any, state: dict[str, Any], scaler: Any = None) -> None:
-        save_model(model, str(tmp / "model.safetensors"))
+        with writing(tmp / "model.safetensors"):
+            save_model(model, str(tmp / "model.safetensors"))
         fault_point("model_written", state["step"])
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if scaler is not None:
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        files = {"optimizer.pt": optimizer, "scheduler.pt": scheduler, "scaler.pt": scaler}
+        for name, owner in files.items():
+            if owner is not None:
+                with writing(tmp / name):
+                    torch.save(owner.state_dict(), tmp / name)
         _fsync_tree(tmp)
         atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
 
+    def discard(self, tmp: Path) -> None:
+        """Remove a checkpoint whose write failed (it would never be loaded)."""
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def commit(self, tmp: Path) -> Path:
-        """Rename the finished checkpoint into place, point `latest` at it, drop older ones."""
+        """Rename the finished checkpoint into place, point `latest` at it, drop all but the
+        newest older one."""
         final = tmp.with_suffix("")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(self.root)
         fault_point("renamed", int(final.name.removeprefix("step-")))
         atomic_write_text(self.root / "latest", final.name)
+        kept = set(self.complete()[-KEEP_CHECKPOINTS:]) | {final}
         for other in self.root.iterdir():
-            if other.is_dir() and other != final:
+            if other.is_dir() and other not in kept:
                 # The completeness marker goes first, so that a crash halfway through the
                 # deletion leaves a directory `latest()` never takes for a checkpoint.
                 (other / STATE_FILE).unlink(missing_ok=True)
@@ -178,9 +278,15 @@ class CheckpointManager:
             candidate = self.root / pointer.read_text().strip()
             if (candidate / STATE_FILE).is_file():
                 return candidate
-        complete = sorted(p for p in self.root.glob("step-*") if p.suffix != ".tmp"
-                          and (p / STATE_FILE).is_file()) if self.root.is_dir() else []
+        complete = self.complete()
         return complete[-1] if complete else None
+
+    def complete(self) -> list[Path]:
+        """The complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step-*")
+                      if p.suffix != ".tmp" and (p / STATE_FILE).is_file())
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: Any,
              scheduler: Any, scaler: Any = None) -> dict[str, Any]:
@@ -198,13 +304,22 @@ class CheckpointManager:
             set_rng_state(torch.load(rng_file, weights_only=False))
             return json.loads((path / STATE_FILE).read_text())
         except _UNREADABLE as exc:
+            previous = [p for p in self.complete() if p != path]
+            fix = (f"restore it from a backup, or delete it to resume from the previous "
+                   f"checkpoint ({previous[-1].name})" if previous else
+                   f"restore it from a backup, or delete {path.parent} to train the run again "
+                   "from the start")
             raise RunError(f"checkpoint {path} cannot be loaded ({_first_line(exc)})",
-                           fix=f"restore it from a backup, or delete {path.parent} to train "
-                               "the run again from the start") from None
+                           fix=fix) from None
 
-    def export_best(self, module: Any, step: int) -> None:
-        """Write `module.save_pretrained` output to `best/`, replacing the previous best."""
-        replace_dir(self.best, module.save_pretrained, fault_step=step)
+    def export_best(self, module: Any, step: int, metrics: dict[str, Any]) -> None:
+        """Write `module.save_pretrained` output to `best/`, with the step and validation
+        `metrics` it was chosen on, replacing the previous best."""
+        def write(path: Path) -> None:
+            module.save_pretrained(path)
+            atomic_write_text(path / BEST_FILE, json.dumps({"step": step, "valid": metrics}))
+
+        replace_dir(self.best, write, fault_step=step)
 
     @staticmethod
     def _ranks(path: Path) -> int:

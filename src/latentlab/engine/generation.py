@@ -8,14 +8,19 @@ left padding and inserted latents keep every row's positions right.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache
 
 from latentlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -26,6 +31,25 @@ class DecodeState:
     attention_mask: Tensor  # [B, T] 1 for real positions, 0 for left padding
     logits: Tensor  # [B, V] logits of the next token
     hidden: Tensor  # [B, n, d] last-layer states of the positions just added
+
+
+def with_cache(model: Any, cache: Cache | None) -> dict[str, Any]:
+    """The keyword that hands `model` a key/value cache: `cache` where its forward has it
+    (transformers 5.2x renamed `past_key_values`, which warns on every call until its removal),
+    `past_key_values` in the versions before."""
+    return {_cache_keyword(type(model)): cache}
+
+
+def output_cache(outputs: Any) -> Cache:
+    """The key/value cache a forward returned (`cache` in transformers 5.2x, where reading
+    `past_key_values` warns; `past_key_values` before)."""
+    return outputs["cache"] if "cache" in outputs else outputs["past_key_values"]
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def left_pad(sequences: list[list[int]], pad_id: int,
@@ -98,10 +122,10 @@ def extend(model: PreTrainedModel, state: DecodeState | None, new_mask: Tensor,
     out = model.base_model(**inputs,
                            attention_mask=padded_attention(model, mask, new_mask.shape[1]),
                            position_ids=position_ids(mask, new_mask.shape[1]),
-                           past_key_values=cache, use_cache=True)
+                           **with_cache(model.base_model, cache), use_cache=True)
     hidden = out.last_hidden_state
     logits = model.get_output_embeddings()(hidden[:, -1])
-    return DecodeState(cache=out.past_key_values, attention_mask=mask, logits=logits,
+    return DecodeState(cache=output_cache(out), attention_mask=mask, logits=logits,
                        hidden=hidden)
 
 

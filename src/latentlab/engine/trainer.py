@@ -58,6 +58,9 @@ class TrainerState:
     metrics_bytes: int = 0  # size of metrics.jsonl when the checkpoint was taken
     done: bool = False
     skipped_in_row: int = 0  # consecutive steps without an update (train.max_skipped_steps)
+    skipped_steps: int = 0  # all steps without an update (train.max_skipped_share)
+    best_loss: float | None = None  # validation loss of the best model: breaks metric ties
+    saved_at: float = 0.0  # train_seconds at the last checkpoint (train.save_every_minutes)
     # Training loss summed over the steps since the last logged row: checkpointed so that a
     # resumed run logs the same averages as an uninterrupted one.
     loss_sum: float = 0.0
@@ -88,6 +91,8 @@ class Interrupted(RunError):
 
 # Entries of metrics.jsonl rows that measure wall-clock time: they differ between any two runs,
 # all the others are reproducible.
+# A validation number that breaks ties of the selection metric (lower is better).
+TIE_BREAK_METRIC = "teacher_forced_loss"
 WALL_CLOCK_KEYS = frozenset({"tokens_per_s", "data_wait", "train_seconds", "seconds_per_step"})
 # Time budget: the first steps of an invocation (compilation, autotuning, the first batches)
 # are left out of the speed that lays out the schedule, which is measured over at least
@@ -204,6 +209,7 @@ class Trainer:
         stop_at = state.step + cfg.stop_after if cfg.stop_after else None
         self._speed_from: tuple[int, float] | None = None  # (step, train_seconds): plan's start
         first_step = state.step
+        self._progress_from = (state.step, state.train_seconds)  # for the time left
         with self._signals():
             for stage_index in range(state.stage, len(stages)):
                 stage = stages[stage_index]
@@ -240,6 +246,7 @@ class Trainer:
                                 state.metric_sums[name] = state.metric_sums.get(name, 0.0) + value
                                 state.metric_counts[name] = state.metric_counts.get(name, 0) + 1
                         else:
+                            state.skipped_steps += 1
                             self._log_skip(state, result)
                             if state.skipped_in_row >= cfg.max_skipped_steps:
                                 raise self._stalled_error(state.step)
@@ -261,9 +268,13 @@ class Trainer:
                             self._log_train(state, window, scheduler,
                                             result.grad_norm if result.finite else None, bar)
                         evaluated = self._maybe_evaluate(state, end_of_epoch, finished)
-                        signalled = self._agreed_signal()
+                        signal_number, time_due = self._agree(
+                            self._signal or 0,
+                            int(cfg.save_every_minutes is not None and state.train_seconds
+                                - state.saved_at >= cfg.save_every_minutes * 60))
+                        signalled = signal_number or None
                         if (finished or (stop_at is not None and state.step >= stop_at)
-                                or signalled is not None or
+                                or signalled is not None or time_due or
                                 (cfg.save_every and state.step % cfg.save_every == 0) or
                                 (not cfg.save_every and evaluated)):
                             if end_of_epoch:  # store the position as "next epoch, batch 0"
@@ -471,10 +482,16 @@ class Trainer:
             self.acc.print("[latentlab] warning: training ended before a selectable "
                            "curriculum stage; best/ holds the final model")
             selectable = True
-        if selectable and (state.best_metric is None or score > state.best_metric):
-            state.best_metric, state.best_step = score, state.step
+        # Ties (a run at 0% accuracy throughout) go to the lower teacher-forced validation
+        # loss, and to the later model where the evaluation reports none.
+        loss = metrics.get(TIE_BREAK_METRIC)
+        better = state.best_metric is None or score > state.best_metric or (
+            score == state.best_metric and (loss is None or state.best_loss is None
+                                            or loss < state.best_loss))
+        if selectable and better:
+            state.best_metric, state.best_step, state.best_loss = score, state.step, loss
             if self.acc.is_main_process:
-                self.checkpoints.export_best(self._unwrap(), state.step)
+                self.checkpoints.export_best(self._unwrap(), state.step, metrics)
             self.acc.wait_for_everyone()
         return True
 
@@ -483,14 +500,19 @@ class Trainer:
         if self.acc.is_main_process:
             state.metrics_bytes = (self.metrics_path.stat().st_size
                                    if self.metrics_path.exists() else 0)
+        state.saved_at = state.train_seconds
         tmp = self.checkpoints.begin(state.step)
         self.acc.wait_for_everyone()
-        self.checkpoints.write_rank_state(tmp)
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            self.checkpoints.write_main_state(tmp, self._unwrap(), optimizer, scheduler,
-                                              asdict(state), self.acc.scaler)
-            self.checkpoints.commit(tmp)
+        try:
+            self.checkpoints.write_rank_state(tmp)
+            self.acc.wait_for_everyone()
+            if self.acc.is_main_process:
+                self.checkpoints.write_main_state(tmp, self._unwrap(), optimizer, scheduler,
+                                                  asdict(state), self.acc.scaler)
+                self.checkpoints.commit(tmp)
+        except BaseException:
+            self.checkpoints.discard(tmp)  # a partial checkpoint is never loaded: no junk
+            raise
         self.acc.wait_for_everyone()
 
     def _resume(self, optimizer: Any, scheduler: Any) -> tuple[TrainerState, Path | None]:
@@ -531,15 +553,29 @@ class Trainer:
         parts = ", ".join(f"{k.removeprefix('loss_')} {v:.3f}/{means.get('acc_' + k[5:], 0):.1%}"
                           for k, v in means.items() if k.startswith("loss_"))
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        if not self._tty:
+        if not self._tty:  # a log file: what a bar would show, in words
             self.acc.print(f"step {state.step}: loss {row['loss']:.4f}"
                            + (f" ({parts})" if parts else "")
                            + f", lr {row['lr']:.2e}, {row['tokens_per_s']:.0f} tokens/s, "
-                           f"{row['data_wait']:.0%} waiting for data")
+                           f"{row['data_wait']:.0%} waiting for data" + self._progress(state))
         self.log(row)
         state.loss_sum, state.loss_steps = 0.0, 0
         state.metric_sums, state.metric_counts = {}, {}
         window.update(tokens=0, time=0.0, wait=0.0)
+
+    def _progress(self, state: TrainerState) -> str:
+        """", step N of TOTAL, about T left", once the total is known (a time budget's plan)."""
+        if self.config.max_time is not None and state.planned_steps is None:
+            return ""
+        total = self.schedule.total
+        step0, seconds0 = self._progress_from
+        done = state.step - step0
+        if done <= 0 or total <= state.step:
+            return f", step {state.step} of {total}"
+        left = (state.train_seconds - seconds0) / done * (total - state.step)
+        minutes, seconds = divmod(round(left), 60)
+        return (f", step {state.step} of {total}, about "
+                + (f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s") + " left")
 
     def _log_skip(self, state: TrainerState, result: StepResult) -> None:
         if result.overflow:
@@ -557,16 +593,22 @@ class Trainer:
         if self.acc.is_main_process:
             with self.metrics_path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")
+        if self.acc.trackers:  # train.trackers: the same numbers, as "train/loss", "valid/..."
+            prefix = f"{row['split']}/" if "split" in row else "train/"
+            self.acc.log({prefix + k: v for k, v in row.items() if k != "step"
+                          and isinstance(v, int | float) and not isinstance(v, bool)},
+                         step=row["step"])
 
-    def _agreed_signal(self) -> int | None:
-        """The signal that ends training after this step, read once per step (one arriving
-        later is handled a step later, never between deciding to save and saying a checkpoint
-        was saved) and agreed by all processes, which get their signals at different moments
-        but must all save the same checkpoint."""
+    def _agree(self, *flags: int) -> list[int]:
+        """Per-step decisions every process must share, as the largest value of each over the
+        processes: the signal that ends training after this step (read once per step: one
+        arriving later is handled a step later, never between deciding to save and saying a
+        checkpoint was saved; processes get signals at different moments), and a checkpoint
+        due by the clock (each process has its own)."""
         if self.acc.num_processes == 1:
-            return self._signal
-        received = self.acc.gather(torch.tensor([self._signal or 0], device=self.acc.device))
-        return int(received.max()) or None
+            return list(flags)
+        received = self.acc.gather(torch.tensor([flags], device=self.acc.device))
+        return [int(v) for v in received.max(0).values]
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:

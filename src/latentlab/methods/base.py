@@ -16,18 +16,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from latentlab.engine.generation import decode_completions, greedy_decode, left_pad, prefill
 from latentlab.engine.interface import Stage, StepOutput
 from latentlab.errors import ConfigError
 from latentlab.tasks.base import Example
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ANSWER_MARKER = "###"
 IGNORE = -100  # label of positions that carry no loss (the convention of torch's cross-entropy)
@@ -153,6 +155,11 @@ class Method(nn.Module, ABC):
         """Completions and, for methods whose number of latent steps varies per example
         (Latent-SFT's `#L`), that number; None where it does not apply."""
         return self.generate(examples, max_new_tokens), [None] * len(examples)
+
+    def scores_held_out_loss(self) -> bool:
+        """Whether `encode` takes examples outside the training split, so that a teacher-forced
+        validation loss exists (it breaks ties of validation accuracy)."""
+        return True
 
     @classmethod
     def ddp_find_unused_parameters(cls, config: MethodConfig) -> bool:

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field, model_validator
 from safetensors.torch import load_file
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from latentlab.engine.deferred_grads import defer_shared_grads
 from latentlab.engine.generation import (
@@ -42,6 +41,7 @@ from latentlab.engine.generation import (
     left_pad,
     pad_safe_attention,
     prefill,
+    with_cache,
 )
 from latentlab.engine.piecewise_cache import piecewise_cache
 from latentlab.errors import ConfigError, RunError
@@ -63,6 +63,9 @@ from latentlab.methods.base import (
     steps_text,
 )
 from latentlab.tasks.base import Example
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 BOT, EOT, THOUGHT = "<bot>", "<eot>", "<thought>"
 STAGE_KEY = "latent_stage"  # entry of method.safetensors holding the exported model's stage
@@ -310,7 +313,9 @@ class Coconut(Method):
                                                    attention_mask=None if allowed is None
                                                    else allowed[..., start:end, :end],
                                                    position_ids=positions[:, start:end],
-                                                   past_key_values=cache, use_cache=True)
+                                                   **with_cache(self.backbone.base_model,
+                                                                cache),
+                                                   use_cache=True)
                 outputs.append(out.last_hidden_state)
         return torch.cat(outputs, dim=1)
 

@@ -28,17 +28,15 @@ from __future__ import annotations
 import copy
 import random
 import zlib
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
-from transformers import (
-    AutoModelForCausalLM,
-    DynamicCache,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import DynamicCache
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from latentlab.engine.generation import (
     DecodeState,
@@ -47,8 +45,10 @@ from latentlab.engine.generation import (
     extend,
     greedy_decode,
     left_pad,
+    output_cache,
     position_ids,
     prefill,
+    with_cache,
 )
 from latentlab.errors import ConfigError
 from latentlab.latents import orthogonality_penalty
@@ -114,6 +114,8 @@ class Coprocessor(Method):
         if config.coprocessor_init == "base":
             self.coprocessor = copy.deepcopy(backbone)
         else:
+            from transformers import AutoModelForCausalLM  # slow to import: config loads fast
+
             self.coprocessor = AutoModelForCausalLM.from_config(
                 backbone.config, attn_implementation=backbone.config._attn_implementation)
         # The Coprocessor reads soft tokens and a cache, never token ids, and its LM head is
@@ -266,9 +268,9 @@ class Coprocessor(Method):
         [B, M, N_A] (k-th column: the k-th token after the latents), and the latents
         [B, M, N_L, d]."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_base):
-            cache = self.backbone.base_model(input_ids=text, use_cache=True,
-                                             past_key_values=DynamicCache(
-                                                 config=self.backbone.config)).past_key_values
+            base = self.backbone.base_model
+            cache = output_cache(base(input_ids=text, use_cache=True, **with_cache(
+                base, DynamicCache(config=self.backbone.config))))
         run = self._packed_traces if self.config.trace_packing else self._separate_traces
         states, latents = run(cache, text, points)
         steps = torch.arange(1, self.config.ahead_tokens + 1, device=text.device)
@@ -304,7 +306,8 @@ class Coprocessor(Method):
             mask = torch.cat([seen, seen.new_ones((batch, n))], 1)
             latents = self.coprocessor.base_model(
                 inputs_embeds=soft, attention_mask=mask, position_ids=position_ids(mask, n),
-                past_key_values=cache, use_cache=True).last_hidden_state
+                **with_cache(self.coprocessor.base_model, cache),
+                use_cache=True).last_hidden_state
             if self.config.injection == "embeddings":
                 cache.crop(-n)
                 mask = seen
@@ -312,7 +315,8 @@ class Coprocessor(Method):
             mask = torch.cat([mask, mask.new_ones((batch, inputs.shape[1]))], 1)
             hidden = self.backbone.base_model(
                 inputs_embeds=inputs, attention_mask=mask,
-                position_ids=position_ids(mask, inputs.shape[1]), past_key_values=cache,
+                position_ids=position_ids(mask, inputs.shape[1]),
+                **with_cache(self.backbone.base_model, cache),
                 use_cache=True).last_hidden_state
             cache.crop(-(inputs.shape[1] + (n if self.config.injection == "kv" else 0)))
             states.append(hidden[:, -ahead:])
@@ -345,7 +349,8 @@ class Coprocessor(Method):
         mask = attention_bias(self.backbone, block_mask(n, [sees_text]))
         latents = self.coprocessor.base_model(
             inputs_embeds=soft, attention_mask=mask, position_ids=positions(0, n),
-            past_key_values=cache, use_cache=True).last_hidden_state.view(batch, m, n, -1)
+            **with_cache(self.coprocessor.base_model, cache),
+            use_cache=True).last_hidden_state.view(batch, m, n, -1)
         inputs = self._trace_inputs(text, points, latents)
         width = inputs.shape[2]
         if self.config.injection == "kv":
@@ -358,7 +363,8 @@ class Coprocessor(Method):
         hidden = self.backbone.base_model(
             inputs_embeds=inputs.flatten(1, 2),
             attention_mask=attention_bias(self.backbone, block_mask(width, prefix)),
-            position_ids=positions(start, width), past_key_values=cache,
+            position_ids=positions(start, width),
+            **with_cache(self.backbone.base_model, cache),
             use_cache=True).last_hidden_state
         return hidden.view(batch, m, width, -1)[:, :, -ahead:], latents
 
@@ -388,7 +394,7 @@ class Coprocessor(Method):
         out = self.coprocessor.base_model(
             inputs_embeds=self.soft_tokens.unsqueeze(0).expand(mask.shape[0], -1, -1),
             attention_mask=full, position_ids=(full.cumsum(-1) - 1)[:, -n:],
-            past_key_values=state.cache, output_hidden_states=True)
+            **with_cache(self.coprocessor.base_model, state.cache), output_hidden_states=True)
         return torch.stack(out.hidden_states, dim=1)
 
 

@@ -32,14 +32,13 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field, NonNegativeInt, model_validator
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from latentlab.engine.checkpoint import atomic_write_text, existing_dir
 from latentlab.engine.generation import (
@@ -66,6 +65,9 @@ from latentlab.methods.base import (
     steps_text,
 )
 from latentlab.tasks.base import Example, resolve_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 THINK, END_THINK, COMPRESS = "<think>", "</think>", "<L>"
 
@@ -316,6 +318,10 @@ class LatentSFT(Method):
         ids = self.tokens(steps_text(example.steps))
         r = self.config.chunk_size
         return [ids[i:i + r] for i in range(0, len(ids), r)]
+
+    def scores_held_out_loss(self) -> bool:
+        # Phase latent's targets are soft labels of the training split only.
+        return self.config.phase == "encoder"
 
     def encode(self, example: Example) -> Features:
         return (self._encoder_features(example) if self.config.phase == "encoder"

@@ -12,11 +12,10 @@ and the analyses read).
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from latentlab.engine.generation import left_pad
 from latentlab.latents import orthogonality_penalty
@@ -32,6 +31,9 @@ from latentlab.methods.base import (
     sequence,
 )
 from latentlab.tasks.base import Example
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class PauseConfig(LatentConfig):

@@ -6,6 +6,7 @@ about tokens or models: methods decide how an `Example` is laid out as text.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -13,11 +14,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from latentlab.errors import ConfigError, DataError, require_file
+from latentlab.errors import ConfigError, DataError, PathError, require_file
 
 Split = Literal["train", "valid", "test"]
 SPLITS: tuple[Split, ...] = ("train", "valid", "test")
@@ -261,10 +262,28 @@ def example_from_row(row: dict[str, Any], where: str) -> Example:
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> None:
-    """Write rows atomically: to a temporary name, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
+    """Write rows as JSON lines, atomically (`atomic_text_file`)."""
+    with atomic_text_file(path) as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_text_file(path: Path) -> Iterator[TextIO]:
+    """A handle on a temporary sibling of `path` that takes `path`'s place when the block ends
+    without error, so no reader ever sees a half-written data file. If the block, or the
+    rename, fails, the temporary file is removed and `path` is left as it was."""
+    if path.is_dir():  # else the rename would fail and its error would name the temporary file
+        raise PathError(f"{path} is a directory, not a file", fix="give the path of a file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    handle = tmp.open("w", encoding="utf-8")  # outside `try`: if this fails, nothing to remove
+    try:
+        with handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C too: a stray temporary file would be left for the user
+        tmp.unlink(missing_ok=True)
+        raise

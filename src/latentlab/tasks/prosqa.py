@@ -26,6 +26,7 @@ from latentlab.tasks.base import (
     Split,
     Task,
     TaskConfig,
+    atomic_text_file,
     example_from_row,
     read_jsonl,
     require,
@@ -310,10 +311,8 @@ class ProsQATask(Task):
         """Coconut's format: one JSON list, graph fields at the top level of each object."""
         rows = [{"question": e.question, "answer": e.answer, "steps": list(e.steps),
                  **{key: e.meta[key] for key in GRAPH_FIELDS}} for e in examples]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(path)
+        with atomic_text_file(path) as handle:
+            handle.write(json.dumps(rows, ensure_ascii=False))
 
     def step_metrics(self, steps: list[str], example: Example) -> dict[str, float]:
         """`step_edges`: the share of generated steps that are edges of the question's graph;

@@ -19,13 +19,15 @@ import lzma
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, TYPE_CHECKING, Literal
 
 from pydantic import Field
-from transformers import PreTrainedTokenizerBase
 
 from latentlab.errors import DataError
 from latentlab.tasks.base import Example, Split, Task, TaskConfig, resolve_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DOC_MARKER = "<|doc|>"
 _OPENERS = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
