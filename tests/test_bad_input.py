@@ -275,6 +275,10 @@ CASES += [
     ("generate-into-a-directory", lambda s: [
         "data", "generate", "countdown", "--n", "5", "--force", "--out", str(s.run)],
      r"is a directory"),
+    ("report-of-a-directory-without-runs", lambda s: [
+        "report", str(s.file("empty/notes.txt", "no runs here").parent), "--out",
+        str(s.root / "report")], r"no run with config\.yaml and results\.json in or below "
+                                 r"\S+/empty\. Fix: give the directories of finished runs"),
     ("resume-without-a-run", lambda s: s.train("--resume"),
      r"--resume found no run to continue in .*new.*Fix: repeat the overrides"),
 ]

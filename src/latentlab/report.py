@@ -82,6 +82,7 @@ class Run:
 def find_runs(paths: Iterable[Path]) -> list[Path]:
     """Run directories (`config.yaml` beside `results.json`) given directly or found below a
     given directory, each once, in path order."""
+    paths = list(paths)  # read twice: the error below names them
     found: dict[Path, None] = {}
     for path in paths:
         if _is_run(path):
