@@ -1,14 +1,14 @@
 """Training throughput of latentlab's own path against a plain Hugging Face loop, in one run.
 
-For each shape (`--shapes`): `latentlab.run.train` itself (the engine, its data pipeline and the
-method's loss; `model.compile` off and on), then the Hugging Face anchor on the same examples
-and the same model architecture: `AutoModelForCausalLM` with eager attention, SDPA, and SDPA +
-`torch.compile`, fed right-padded batches (every token of the padded batch computed, the loss
-on its real tokens), AdamW (fused on CUDA), gradient clipping, autocast. Reported per path:
-real (non-padding) tokens per second, seconds per step, model FLOPs utilisation (6N + the
-attention's 12 L d T per token, against `--peak-tflops`), peak memory, and the seconds the
-first steps took beyond the steady ones (compilation); `vs_anchor` divides by the
-SDPA + compile anchor's tokens/s.
+For each shape (`--shapes`): `latentlab.run.train` itself (the engine, its data pipeline and
+the method's loss; plain, with `method.packing` on the task shapes, with `model.compile`), then
+the Hugging Face anchor on the same examples and the same model architecture:
+`AutoModelForCausalLM` with eager attention, SDPA, and SDPA + `torch.compile`, fed right-padded
+batches (every token of the padded batch computed, the loss on its real tokens), AdamW (fused
+on CUDA), gradient clipping, autocast. Reported per path: real (non-padding) tokens per second,
+seconds per step, model FLOPs utilisation (6N + the attention's 12 L d T per token, against
+`--peak-tflops`), peak memory, and the seconds the first steps took (compilation);
+`vs_anchor` divides by the SDPA + compile anchor's tokens/s.
 
 Shapes: `text` (fixed `--seq-len` windows of the Gutenberg corpus, GPT-2's tokenizer: the
 shape of issue 18), `prosqa` and `countdown` (the CoT recipes' streamed examples, variable
@@ -44,12 +44,12 @@ from latentlab.tasks.text import TextTask
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHAPES = {"text": "text_nocot.yaml", "prosqa": "prosqa_cot.yaml",
           "countdown": "countdown3_cot.yaml"}
-PATHS = ["engine", "engine-compile", "hf-eager", "hf-sdpa", "hf-sdpa-compile"]
+PATHS = ["engine", "engine-packed", "engine-compile", "hf-eager", "hf-sdpa", "hf-sdpa-compile"]
 ANCHOR = "hf-sdpa-compile"
 
 
 def shape_config(shape: str, args: argparse.Namespace, out_dir: Path,
-                 compile_model: bool) -> RunConfig:
+                 compile_model: bool = False, packing: bool = False) -> RunConfig:
     """The shape's recipe at the benchmark's size: `warmup + steps` steps, a metrics row at
     the end of the warm-up and one at the end (the timed window), no final scoring."""
     overrides = [
@@ -59,6 +59,7 @@ def shape_config(shape: str, args: argparse.Namespace, out_dir: Path,
         f"train.eval_every={args.warmup + args.steps}", "train.eval_samples=1",
         "train.save_every_minutes=null", "eval.splits=[]", "eval.max_new_tokens=1",
         f"model.compile={str(compile_model).lower()}", f"out_dir={out_dir}",
+        f"method.packing={str(packing).lower()}",
         f"train.mixed_precision={'bf16' if args.dtype == 'bf16' else 'no'}"]
     if shape == "text":
         overrides += [f"task.seq_len={args.seq_len}", "task.n_valid=1", "task.n_test=1",
@@ -194,11 +195,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes.split(","):
             rows: dict[str, dict[str, Any]] = {}
-            base = shape_config(shape, args, Path(tmp) / shape / "engine", False)
+            base = shape_config(shape, args, Path(tmp) / shape / "engine")
             for path in paths:
+                if path == "engine-packed" and shape == "text":
+                    continue  # windows are full: nothing to pack
                 if path.startswith("engine"):
                     config = (base if path == "engine" else shape_config(
-                        shape, args, Path(tmp) / shape / path, True))
+                        shape, args, Path(tmp) / shape / path, path == "engine-compile",
+                        path == "engine-packed"))
                     rows[path] = engine_run(config, args)
                 else:
                     if not (base.run_dir() / "tokenizer").is_dir():  # the examples' tokenizer

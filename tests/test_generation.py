@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import pytest
 import torch
 
@@ -85,3 +88,19 @@ def test_left_padded_prefill_has_no_empty_attention_rows_and_matches_unpadded_pa
         hidden.sum().backward()
     for padded, separate in zip(grads, (p.grad for p in model.parameters()), strict=True):
         torch.testing.assert_close(padded, separate, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+def test_cached_decoding_uses_the_cache_api_of_the_installed_transformers(
+        preset: str, caplog: pytest.LogCaptureFixture) -> None:
+    # transformers 5.2x renamed `past_key_values` (keyword and output) to `cache`, with a
+    # FutureWarning per call and a logged deprecation until their removal: neither here.
+    tok = train_tokenizer(["a b c d e f g h"] * 10, 270)
+    model = build_backbone(ModelConfig(name=preset), tok, seed=0).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]  # transformers'
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        state = prefill(model, torch.ones_like(ids), input_ids=ids)
+        greedy_decode(model, state, 3, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]

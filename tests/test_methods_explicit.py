@@ -9,6 +9,7 @@ from latentlab.backbones import build_backbone, train_tokenizer
 from latentlab.config import ModelConfig
 from latentlab.methods.base import IGNORE, LABEL_BUCKET, extract_answer, label_index, lm_loss
 from latentlab.methods.cot import CoT, CoTConfig, NoCoT, NoCoTConfig
+from latentlab.tasks import CountdownConfig, CountdownTask
 from latentlab.tasks.base import Example
 
 EXAMPLES = [
@@ -129,3 +130,36 @@ def test_generate_returns_text_after_the_prompt_and_answers_are_extracted() -> N
     assert extract_answer("1+2=3\n### 1+2\nextra") == "1+2"
     assert extract_answer("no marker") == ""
     assert extract_answer("### a\n### b") == "b"
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("question_loss", [0.0, 0.5])
+def test_a_packed_batch_has_the_loss_and_gradients_of_the_padded_one(
+        preset: str, question_loss: float) -> None:
+    # Examples of different lengths: packed into fewer rows, each example with its own
+    # positions and attention, they give the padded batch's loss, per-part numbers and
+    # gradients (an example that attended to its row neighbour would change them).
+    long, short = (CountdownTask(CountdownConfig(operands=n, max_operand=30)) for n in (5, 3))
+    examples = [*long.generate("train", 2, 0), *short.generate("train", 4, 0), *EXAMPLES]
+    padded_method = make(CoT, CoTConfig(question_loss=question_loss), preset)
+    packed_method = make(CoT, CoTConfig(question_loss=question_loss, packing=True), preset)
+    packed_method.load_state_dict(padded_method.state_dict())
+    padded_method.eval(), packed_method.eval()  # no dropout: the same function in both layouts
+    features = [padded_method.encode(e) for e in examples]
+    padded, packed = padded_method.collate(features), packed_method.collate(features)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    assert packed["num_tokens"] == padded["num_tokens"]
+    results = []
+    for method, batch in ((padded_method, padded), (packed_method, packed)):
+        out = method(batch)
+        out.loss.backward()
+        grads = {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (a, grads_a), (b, grads_b) = results
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
+    assert a.metrics.keys() == b.metrics.keys()
+    for name in a.metrics:
+        torch.testing.assert_close(b.metrics[name], a.metrics[name], rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6)

@@ -269,8 +269,10 @@ def part_fields(labels: Tensor, parts: Tensor) -> dict[str, Any]:
     return {"parts": parts, "part_counts": counts, "parts_present": present}
 
 
-def right_padded_states(backbone: PreTrainedModel, embeds: Tensor) -> Tensor:
-    """Last-layer states of a right-padded batch.
+def right_padded_states(backbone: PreTrainedModel, embeds: Tensor,
+                        position_ids: Tensor | None = None) -> Tensor:
+    """Last-layer states of a right-padded batch, or of a packed one (`position_ids` restart at
+    each example: transformers then keeps attention within each).
 
     Right padding puts every pad after every real token, so the causal mask alone is exact. No
     mask lets transformers drop it and SDPA use its flash kernel instead of materialising
@@ -279,7 +281,26 @@ def right_padded_states(backbone: PreTrainedModel, embeds: Tensor) -> Tensor:
     call, which a CUDA graph cannot contain). Embeddings, not ids: given ids and no mask,
     transformers looks for pad tokens in them on the host (a sync, and a warning).
     """
-    return backbone.base_model(inputs_embeds=embeds).last_hidden_state
+    # use_cache=False: a training pass needs no key/value cache (and with one, transformers
+    # does not look for packed sequences).
+    return backbone.base_model(inputs_embeds=embeds, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+
+
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Indices of sequences of `lengths` packed into rows of `width` tokens: first fit, longest
+    first (the rows keep their sequences in that order)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
 
 
 def round_up(n: int, multiple: int) -> int:

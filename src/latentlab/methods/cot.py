@@ -8,15 +8,20 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from latentlab.methods.base import (
+    IGNORE,
     Batch,
     Features,
     Method,
     MethodConfig,
     StepOutput,
+    label_index,
+    pack_rows,
+    part_fields,
     part_lm_loss,
     right_padded_states,
     sequence,
@@ -32,6 +37,13 @@ class CoTConfig(MethodConfig):
         "papers' loss on steps and answer only; `true` reads as 1). Question text is mostly "
         "random facts whose loss cannot fall far, so with weight 1 it dominates what is logged; "
         "the per-part losses (loss_question, loss_steps, loss_answer) show each")
+
+
+    packing: bool = Field(
+        False, description="pack each batch's examples into as few rows as its longest "
+        "example allows (first fit, longest first), each with its own positions and attention "
+        "(transformers' packed-sequence masks): no compute on padding, the same examples per "
+        "step and the same loss")
 
 
 class NoCoTConfig(CoTConfig):
@@ -59,9 +71,34 @@ class CoT(Method):
         nll = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         return {"nll": nll}
 
+    def collate(self, features: list[Features]) -> Batch:
+        if not self.config.packing or "parts" not in features[0]:  # text windows are full
+            return super().collate(features)
+        width = max(len(f["input_ids"]) for f in features)
+        rows = pack_rows([len(f["input_ids"]) for f in features], width)
+        shape = (len(rows), width)
+        ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE, dtype=torch.long)
+        parts = torch.zeros(shape, dtype=torch.long)
+        positions = torch.zeros(shape, dtype=torch.long)
+        for row, members in enumerate(rows):
+            start = 0
+            for i in members:
+                f, n = features[i], len(features[i]["input_ids"])
+                ids[row, start:start + n] = torch.tensor(f["input_ids"])
+                labels[row, start + 1:start + n] = torch.tensor(f["labels"][1:])
+                parts[row, start:start + n] = torch.tensor(f["parts"])
+                positions[row, start:start + n] = torch.arange(n)
+                start += n
+            positions[row, start:] = torch.arange(width - start)  # padding: a sequence apart
+        return {"input_ids": ids, "labels": labels, "position_ids": positions,
+                "label_index": label_index(labels),
+                "num_tokens": sum(len(f["input_ids"]) for f in features),
+                **part_fields(labels, parts)}
+
     def forward(self, batch: Batch) -> StepOutput:
         embeds = self.backbone.get_input_embeddings()(batch["input_ids"])
-        hidden = right_padded_states(self.backbone, embeds)
+        hidden = right_padded_states(self.backbone, embeds, batch.get("position_ids"))
         return StepOutput(*part_lm_loss(self.backbone, hidden, batch, self.config.question_loss))
 
 
