@@ -4,6 +4,7 @@ skipped steps, the files a run records, trackers and the progress line in a log 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -11,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import RUN_CONFIG, FinishedRun, engine_run
+from conftest import RUN_CONFIG, FinishedRun, Line, engine_run
 
 from latentlab.cli import main
 from latentlab.engine.checkpoint import BEST_FILE, FILE_MODE, LOCK_FILE, run_lock
+from latentlab.engine.interface import StepOutput
 from latentlab.errors import RunError
 from latentlab.run import best_step
 from latentlab.tasks import CountdownConfig, CountdownTask
@@ -130,3 +132,22 @@ def test_tensorboard_gets_the_metrics_and_a_log_file_the_steps_left(
     out = capsys.readouterr().out
     assert re.search(r"^step 3: loss .*, step 3 of 12, about \d+ s left$", out, re.M), out
     assert re.search(r"^step 12: loss .*, step 12 of 12$", out, re.M), out
+
+
+def test_the_start_up_cost_is_printed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # The first step costs 6 s more than the others (0.5 s): a compilation, say.
+    forward = Line.forward
+    calls = itertools.count()
+
+    def first_slow(self: Line, batch: dict) -> StepOutput:
+        if next(calls) == 0:
+            self.clock.now += 6.0
+        return forward(self, batch)
+
+    monkeypatch.setattr(Line, "forward", first_slow)
+    engine_run(tmp_path, monkeypatch, step_s=0.5, eval_s=0.0, max_steps=40)
+    out = capsys.readouterr().out
+    assert out.count("[latentlab] start-up:") == 1
+    assert ("start-up: the first 10 steps took 11.0 s, the next 10 5.0 s (about 6.0 s of "
+            "compilation, autotuning, first batches)") in out

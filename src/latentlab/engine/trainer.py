@@ -256,6 +256,8 @@ class Trainer:
                         clock = now
                         if cfg.max_time is not None and state.planned_steps is None:
                             self._plan(state, first_step, bar)
+                        if state.step - first_step in (WARM_STEPS, 2 * WARM_STEPS):
+                            self._startup_cost(state, first_step)
                         end_of_epoch = b + 1 == len(batches)
                         # The data can end before `total` steps: examples longer than
                         # max_length are dropped, and max_steps may exceed the epochs.
@@ -351,6 +353,20 @@ class Trainer:
         if first:
             self.acc.print(f"[latentlab] train.max_time={cfg.max_time:g} min: {per_step:.3f} s "
                            f"per step, schedule laid out over {planned} steps")
+
+    def _startup_cost(self, state: TrainerState, first_step: int) -> None:
+        """Once per invocation: how much longer the first WARM_STEPS steps took than the next
+        WARM_STEPS (compilation, CUDA-graph capture, autotuning, the first batches), printed
+        so that a compiled run's cost is visible next to its speed (not a metrics row: a
+        resumed run has start-ups an uninterrupted one does not)."""
+        if state.step - first_step == WARM_STEPS:
+            self._warm_seconds = state.train_seconds - self._progress_from[1]
+            return
+        steady = state.train_seconds - self._progress_from[1] - self._warm_seconds
+        startup = max(0.0, self._warm_seconds - steady)
+        self.acc.print(f"[latentlab] start-up: the first {WARM_STEPS} steps took "
+                       f"{self._warm_seconds:.1f} s, the next {WARM_STEPS} {steady:.1f} s "
+                       f"(about {startup:.1f} s of compilation, autotuning, first batches)")
 
     def _warmup_error(self, total: int) -> ConfigError:
         return ConfigError(f"train.warmup_steps={self.config.warmup_steps} is not shorter than "
