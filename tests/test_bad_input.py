@@ -312,7 +312,7 @@ def test_bad_input_fails_cleanly(build: Build, message: str, request: pytest.Fix
     after = sandbox.snapshot()
     assert after == before
     if table := os.environ.get(TABLE_ENV):  # docs/reliability.md's table, as measured
-        line = errors[0].replace(str(tmp_path), "SANDBOX").replace("|", "\\|")
+        line = errors[0].replace(str(tmp_path), "TMP").replace("|", "\\|")
         with open(table, "a", encoding="utf-8") as handle:
             handle.write(f"| {request.node.callspec.id} | `{line}` | {status} | "
                          f"{len(after)} files, sha256 unchanged |\n")

@@ -262,6 +262,29 @@ def _model_at(loc: list[str], data: dict[str, Any]) -> type[BaseModel] | None:
 _UNION_TAGS = {c.model_fields["name"].default for c in (*TASK_CONFIGS, *METHOD_CONFIGS)}
 
 
+def flatten_dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as one level of dotted keys (`train.lr`)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten_dotted(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested configs, sorted."""
+    keys: list[str] = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += differing_keys(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            keys.append(prefix + key)
+    return keys
+
+
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = data

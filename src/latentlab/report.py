@@ -35,6 +35,7 @@ from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
+from latentlab.config import flatten_dotted
 from latentlab.engine.checkpoint import atomic_write_text
 from latentlab.errors import DataError, RunError
 from latentlab.sweep import is_finished
@@ -131,17 +132,7 @@ def read_run(run_dir: Path) -> Run:
         for name in ("accuracy", "perplexity"):
             if isinstance(row.get(name), int | float):
                 curves.setdefault(name, []).append((int(row["step"]), float(row[name])))
-    return Run(run_dir, _flatten(config), results, curves, capture)
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
+    return Run(run_dir, flatten_dotted(config), results, curves, capture)
 
 
 # ------------------------------------------------------------------------------------------

@@ -38,7 +38,13 @@ from latentlab.backbones import (
     load_pretrained_dir,
     load_saved_tokenizer,
 )
-from latentlab.config import RunConfig, dump_config, load_config
+from latentlab.config import (
+    RunConfig,
+    differing_keys,
+    dump_config,
+    flatten_dotted,
+    load_config,
+)
 from latentlab.engine.checkpoint import (
     BEST_FILE,
     atomic_write_text,
@@ -46,6 +52,7 @@ from latentlab.engine.checkpoint import (
     replace_dir,
     run_lock,
 )
+from latentlab.engine.interface import batch_to
 from latentlab.engine.trainer import TIE_BREAK_METRIC, Trainer
 from latentlab.errors import ConfigError, DataError, NumericalError, RunError, require_file
 from latentlab.methods import METHODS, Method
@@ -152,7 +159,10 @@ def _train(config: RunConfig, resume: bool, run_dir: Path, acc: Accelerator) -> 
             dump_config(config, run_dir / CONFIG_FILE)
             write_environment(run_dir / "environment.json", _resolved_paths(config))
         if config.train.trackers:
-            acc.init_trackers("trackers", config=_flat(config.model_dump(mode="json")))
+            # Trackers take scalar hyperparameters: lists and None as JSON text.
+            acc.init_trackers("trackers", config={
+                k: v if isinstance(v, int | float | str | bool) else json.dumps(v)
+                for k, v in flatten_dotted(config.model_dump(mode="json")).items()})
 
     n_params = count_parameters(method)
     n_trainable = count_parameters(method, trainable_only=True)
@@ -294,8 +304,7 @@ def validation_loss(method: Method, features: list[dict[str, Any]], batch_size: 
     with torch.random.fork_rng(devices=devices):
         for start in range(0, len(mine), batch_size):
             chunk = mine[start:start + batch_size]
-            batch = {k: v.to(acc.device) if isinstance(v, Tensor) else v
-                     for k, v in method.collate(chunk).items()}
+            batch = batch_to(method.collate(chunk), acc.device)
             total += torch.stack([method(batch).loss.float() * len(chunk),
                                   torch.tensor(float(len(chunk)), device=acc.device)])
     method.train(was_training)
@@ -314,8 +323,7 @@ def perplexity(method: Method, windows: list[list[int]], batch_size: int) -> dic
     count = 0
     for start in range(0, len(windows), batch_size):
         features = [method.encode_text(w) for w in windows[start:start + batch_size]]
-        batch = {k: v.to(method.device) if isinstance(v, Tensor) else v
-                 for k, v in method.collate(features).items()}
+        batch = batch_to(method.collate(features), method.device)
         terms = method.text_nll(batch)
         for name, nll in terms.items():
             per_position = nll.flatten(0, -2).sum(0)
@@ -537,21 +545,10 @@ def _check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> None:
             section, name = key.split(".")
             dump[section].pop(name)
     if before != now:
-        changed = _diff_keys(before, now)
+        changed = differing_keys(before, now)
         raise ConfigError(f"--resume with a config that differs from the run's in "
                           f"{', '.join(changed)}",
                           fix=f"resume with the run's own config ({existing})")
-
-
-def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _diff_keys(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            keys.append(prefix + key)
-    return keys
 
 
 def _resolved_paths(config: RunConfig) -> dict[str, str]:
@@ -560,18 +557,6 @@ def _resolved_paths(config: RunConfig) -> dict[str, str]:
     named = {f"task.{k}": getattr(config.task, k, None) for k in ("train", "valid", "test")}
     named["model.init_from"] = config.model.init_from
     return {k: str(resolve_path(str(v)).resolve()) for k, v in named.items() if v}
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config as tracker hyperparameters: dotted keys, scalar values."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = (value if isinstance(value, int | float | str | bool)
-                                  else json.dumps(value))
-    return flat
 
 
 def write_environment(path: Path, paths: dict[str, str] | None = None) -> None:

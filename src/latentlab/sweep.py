@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
-import fcntl
 import gc
 import hashlib
 import itertools
@@ -26,7 +25,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from latentlab.config import (
     RunConfig,
     apply_overrides,
+    differing_keys,
     dump_config,
     load_config,
     parse_override,
@@ -45,7 +45,12 @@ from latentlab.config import (
     read_yaml,
     validate,
 )
-from latentlab.engine.checkpoint import STATE_FILE, CheckpointManager, atomic_write_text
+from latentlab.engine.checkpoint import (
+    STATE_FILE,
+    CheckpointManager,
+    atomic_write_text,
+    exclusive,
+)
 from latentlab.engine.trainer import Interrupted
 from latentlab.errors import ConfigError, LatentlabError, RunError
 from latentlab.run import CONFIG_FILE, RESUMABLE_CHANGES, train
@@ -458,18 +463,12 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), workers: int | No
     return SweepResult(plan, tracker.rows)
 
 
-@contextlib.contextmanager
-def _exclusive(out_dir: Path) -> Iterator[None]:
+def _exclusive(out_dir: Path) -> contextlib.AbstractContextManager[None]:
     """Hold `OUT_DIR/.sweep.lock` while the sweep runs: a second sweep started on the same
-    directory would train the same unfinished runs at the same time. The operating system
-    releases the lock when the process ends, however it ends."""
-    with (out_dir / LOCK_FILE).open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunError(f"another sweep is running in {out_dir}",
-                           "wait for it to end, or give this sweep another out_dir") from None
-        yield
+    directory would train the same unfinished runs at the same time."""
+    return exclusive(out_dir / LOCK_FILE, lambda holder: RunError(
+        f"another sweep is running in {out_dir}",
+        "wait for it to end, or give this sweep another out_dir"))
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -581,22 +580,11 @@ def _config_conflict(config: RunConfig, run_dir: Path) -> str | None:
     for dump in (saved, now):
         for key in RESUMABLE_CHANGES:
             dump["train"].pop(key, None)
-    differ = _differences(saved, now)
+    differ = differing_keys(saved, now)
     if not differ:
         return None
     return (f"{run_dir} holds a finished run of another config (it differs in "
             f"{', '.join(differ)}); move that directory away or set out_dir to rerun")
-
-
-def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    keys: list[str] = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _differences(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            keys.append(prefix + key)
-    return keys
 
 
 def _headline(run_dir: Path) -> str | None:

@@ -44,7 +44,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from latentlab.errors import PathError, RunError
+from latentlab.errors import LatentlabError, PathError, RunError
 
 FAULT_ENV = "LATENTLAB_FAULT"
 STATE_FILE = "state.json"
@@ -90,17 +90,13 @@ os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold `run_dir` for this process: a second command training into the same directory
-    would interleave its metrics and checkpoints with this one's. The lock is an advisory
-    `flock` on `run_dir/.lock`, released by the kernel when the process ends, however it
-    ends (a SIGKILLed run leaves no stale lock). The file is removed on release, and the
-    directory too if this process made it and nothing was written into it (a start that
-    failed leaves nothing behind)."""
-    created = not run_dir.exists()
-    path = run_dir / LOCK_FILE
+def exclusive(path: Path, busy: Callable[[str], LatentlabError]) -> Iterator[None]:
+    """Hold an advisory `flock` on the file `path` (made if missing) for this process, or raise
+    `busy(holder)` where another holds it (`holder`: what it wrote there). The kernel releases
+    the lock when the process ends, however it ends (a SIGKILL leaves no stale lock); forked
+    children (DataLoader workers) drop their copy, or one still alive after its parent was
+    killed would keep holding it. The file is removed on release."""
     while True:
-        run_dir.mkdir(parents=True, exist_ok=True)
         handle = path.open("a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -108,9 +104,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise RunError(f"run directory {run_dir} is in use by {holder}",
-                           fix="wait for that command to finish, or set out_dir=... to another "
-                               "directory") from None
+            raise busy(holder) from None
         # The holder before us may have removed the file between our open and our lock:
         # then the lock is on a file nobody else will see, and we take a new one.
         with contextlib.suppress(FileNotFoundError):
@@ -126,11 +120,31 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)  # still held: a waiting process re-checks the file
+        _HELD_LOCKS.discard(handle)
+        handle.close()
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir` for this process (`exclusive` on `run_dir/.lock`): a second command
+    training into the same directory would interleave its metrics and checkpoints with this
+    one's. The directory goes too if this process made it and nothing was written into it (a
+    start that failed leaves nothing behind)."""
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    def busy(holder: str) -> RunError:
+        return RunError(f"run directory {run_dir} is in use by {holder}",
+                        fix="wait for that command to finish, or set out_dir=... to another "
+                            "directory")
+
+    try:
+        with exclusive(run_dir / LOCK_FILE, busy):
+            yield
+    finally:
         if created:
             with contextlib.suppress(OSError):
                 run_dir.rmdir()  # only if empty
-        _HELD_LOCKS.discard(handle)
-        handle.close()
 
 
 @contextlib.contextmanager
@@ -139,8 +153,6 @@ def writing(path: Path) -> Iterator[None]:
     disk as a RuntimeError from its zip writer ("unexpected pos"), not as an OSError."""
     try:
         yield
-    except OSError:
-        raise
     except (RuntimeError, SafetensorError) as exc:
         free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
         if free < 64 * 2**20:  # under 64 MiB left: the disk filled up during the write

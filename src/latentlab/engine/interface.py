@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -25,3 +27,11 @@ class Stage:
     # Whether validations in this stage compete for `best/`: a curriculum's early stages train
     # a different model (Coconut's stage 0 is plain CoT) and must not be selected as it.
     select: bool = True
+
+
+def batch_to(batch: dict[str, Any], device: torch.device | str,
+             non_blocking: bool = False) -> dict[str, Any]:
+    """A collated batch with its tensors on `device` (host-side entries such as `num_tokens`
+    stay as they are)."""
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v
+            for k, v in batch.items()}

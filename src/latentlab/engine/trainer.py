@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from latentlab.config import TrainConfig
 from latentlab.engine.checkpoint import CheckpointManager
 from latentlab.engine.cuda_graphs import GraphedSteps
-from latentlab.engine.interface import Stage
+from latentlab.engine.interface import Stage, batch_to
 from latentlab.errors import ConfigError, NumericalError, RunError
 
 
@@ -207,9 +207,11 @@ class Trainer:
         # Throughput and the time spent waiting for batches (wall clock: not checkpointed).
         window = {"tokens": 0, "time": 0.0, "wait": 0.0}
         stop_at = state.step + cfg.stop_after if cfg.stop_after else None
-        self._speed_from: tuple[int, float] | None = None  # (step, train_seconds): plan's start
         first_step = state.step
         self._progress_from = (state.step, state.train_seconds)  # for the time left
+        # train_seconds once WARM_STEPS steps are done: the speed is measured from there (the
+        # time budget's plan, the start-up cost), past compilation and the first batches.
+        self._warm_at: float | None = None
         with self._signals():
             for stage_index in range(state.stage, len(stages)):
                 stage = stages[stage_index]
@@ -254,10 +256,12 @@ class Trainer:
                         now = time.perf_counter()
                         state.train_seconds += now - clock
                         clock = now
+                        if state.step - first_step == WARM_STEPS:
+                            self._warm_at = state.train_seconds
                         if cfg.max_time is not None and state.planned_steps is None:
                             self._plan(state, first_step, bar)
-                        if state.step - first_step in (WARM_STEPS, 2 * WARM_STEPS):
-                            self._startup_cost(state, first_step)
+                        if state.step - first_step == 2 * WARM_STEPS:
+                            self._print_startup_cost(state)
                         end_of_epoch = b + 1 == len(batches)
                         # The data can end before `total` steps: examples longer than
                         # max_length are dropped, and max_steps may exceed the epochs.
@@ -330,12 +334,10 @@ class Trainer:
         first once the speed is known, then again after each validation (whose cost the
         speed then includes)."""
         cfg = self.config
-        if state.step - first_step == WARM_STEPS:
-            self._speed_from = (state.step, state.train_seconds)
-        if self._speed_from is None:
+        if self._warm_at is None:
             return
-        steps = state.step - self._speed_from[0]
-        seconds = state.train_seconds - self._speed_from[1]
+        steps = state.step - first_step - WARM_STEPS
+        seconds = state.train_seconds - self._warm_at
         if state.planned_steps is None and (steps < PLAN_AFTER_STEPS
                                             or seconds < PLAN_AFTER_SECONDS):
             return
@@ -354,18 +356,17 @@ class Trainer:
             self.acc.print(f"[latentlab] train.max_time={cfg.max_time:g} min: {per_step:.3f} s "
                            f"per step, schedule laid out over {planned} steps")
 
-    def _startup_cost(self, state: TrainerState, first_step: int) -> None:
+    def _print_startup_cost(self, state: TrainerState) -> None:
         """Once per invocation: how much longer the first WARM_STEPS steps took than the next
         WARM_STEPS (compilation, CUDA-graph capture, autotuning, the first batches), printed
         so that a compiled run's cost is visible next to its speed (not a metrics row: a
         resumed run has start-ups an uninterrupted one does not)."""
-        if state.step - first_step == WARM_STEPS:
-            self._warm_seconds = state.train_seconds - self._progress_from[1]
-            return
-        steady = state.train_seconds - self._progress_from[1] - self._warm_seconds
-        startup = max(0.0, self._warm_seconds - steady)
+        assert self._warm_at is not None
+        warm = self._warm_at - self._progress_from[1]
+        steady = state.train_seconds - self._warm_at
+        startup = max(0.0, warm - steady)
         self.acc.print(f"[latentlab] start-up: the first {WARM_STEPS} steps took "
-                       f"{self._warm_seconds:.1f} s, the next {WARM_STEPS} {steady:.1f} s "
+                       f"{warm:.1f} s, the next {WARM_STEPS} {steady:.1f} s "
                        f"(about {startup:.1f} s of compilation, autotuning, first batches)")
 
     def _warmup_error(self, total: int) -> ConfigError:
@@ -389,8 +390,7 @@ class Trainer:
         tokens = 0
         for j, batch in enumerate(micro):
             tokens += batch.get("num_tokens", 0)
-            batch = {k: v.to(self.acc.device, non_blocking=True) if isinstance(v, Tensor) else v
-                     for k, v in batch.items()}
+            batch = batch_to(batch, self.acc.device, non_blocking=True)
             sync = contextlib.nullcontext() if j == len(micro) - 1 else self.acc.no_sync(model)
             with sync:
                 # With train.cuda_graphs, forward and backward in one replay when the batch's

@@ -97,20 +97,37 @@ class Method(nn.Module, ABC):
         tokens, `label_index` locates the labels for the loss, `part_counts` counts them by
         part (see `part_lm_loss`)."""
         longest = round_up(max(len(f["input_ids"]) for f in features), self.pad_to_multiple)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(features), longest), pad, dtype=torch.long)
-        labels = torch.full((len(features), longest), IGNORE, dtype=torch.long)
-        parts = torch.zeros((len(features), longest), dtype=torch.long)
-        mask = torch.zeros((len(features), longest), dtype=torch.long)
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[row, :n] = torch.tensor(f["input_ids"])
-            labels[row, :n] = torch.tensor(f["labels"])
-            if "parts" in f:  # a reasoning example (a text window has no parts)
-                parts[row, :n] = torch.tensor(f["parts"])
-            mask[row, :n] = 1
-        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask,
-                 "label_index": label_index(labels), "num_tokens": int(mask.sum())}
+        return self.collate_rows(features, [[i] for i in range(len(features))], longest)
+
+    def collate_rows(self, features: list[Features], rows: list[list[int]], width: int,
+                     packed: bool = False) -> Batch:
+        """A batch of `width` columns whose row r holds the examples `rows[r]` one after the
+        other, then padding. Packed (several examples a row): `position_ids` restart at each
+        example and its first token carries no label (it is not predicted from the example
+        before it); otherwise an `attention_mask` marks the real tokens."""
+        shape = (len(rows), width)
+        ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE, dtype=torch.long)
+        parts = torch.zeros(shape, dtype=torch.long)
+        mask = torch.zeros(shape, dtype=torch.long)
+        positions = torch.zeros(shape, dtype=torch.long)
+        for row, members in enumerate(rows):
+            start = 0
+            for i in members:
+                f, n = features[i], len(features[i]["input_ids"])
+                ids[row, start:start + n] = torch.tensor(f["input_ids"])
+                labels[row, start:start + n] = torch.tensor(f["labels"])
+                if start:
+                    labels[row, start] = IGNORE
+                if "parts" in f:  # a reasoning example (a text window has no parts)
+                    parts[row, start:start + n] = torch.tensor(f["parts"])
+                mask[row, start:start + n] = 1
+                positions[row, start:start + n] = torch.arange(n)
+                start += n
+            positions[row, start:] = torch.arange(width - start)  # padding: a sequence apart
+        batch = {"input_ids": ids, "labels": labels, "label_index": label_index(labels),
+                 "num_tokens": int(mask.sum())}
+        batch.update({"position_ids": positions} if packed else {"attention_mask": mask})
         if "parts" in features[0]:
             batch.update(part_fields(labels, parts))
         return batch

@@ -8,20 +8,16 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from latentlab.methods.base import (
-    IGNORE,
     Batch,
     Features,
     Method,
     MethodConfig,
     StepOutput,
-    label_index,
     pack_rows,
-    part_fields,
     part_lm_loss,
     right_padded_states,
     sequence,
@@ -76,25 +72,7 @@ class CoT(Method):
             return super().collate(features)
         width = max(len(f["input_ids"]) for f in features)
         rows = pack_rows([len(f["input_ids"]) for f in features], width)
-        shape = (len(rows), width)
-        ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full(shape, IGNORE, dtype=torch.long)
-        parts = torch.zeros(shape, dtype=torch.long)
-        positions = torch.zeros(shape, dtype=torch.long)
-        for row, members in enumerate(rows):
-            start = 0
-            for i in members:
-                f, n = features[i], len(features[i]["input_ids"])
-                ids[row, start:start + n] = torch.tensor(f["input_ids"])
-                labels[row, start + 1:start + n] = torch.tensor(f["labels"][1:])
-                parts[row, start:start + n] = torch.tensor(f["parts"])
-                positions[row, start:start + n] = torch.arange(n)
-                start += n
-            positions[row, start:] = torch.arange(width - start)  # padding: a sequence apart
-        return {"input_ids": ids, "labels": labels, "position_ids": positions,
-                "label_index": label_index(labels),
-                "num_tokens": sum(len(f["input_ids"]) for f in features),
-                **part_fields(labels, parts)}
+        return self.collate_rows(features, rows, width, packed=True)
 
     def forward(self, batch: Batch) -> StepOutput:
         embeds = self.backbone.get_input_embeddings()(batch["input_ids"])
