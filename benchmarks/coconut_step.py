@@ -40,8 +40,12 @@ import torch
 from common import DTYPES, Clock, gigabytes, word_tokenizer
 from torch import Tensor, nn
 
-from latentlab.backbones import add_special_tokens, build_backbone, compile_transformers
-from latentlab.config import ModelConfig
+from latentlab.backbones import (
+    ModelConfig,
+    add_special_tokens,
+    build_backbone,
+    compile_transformers,
+)
 from latentlab.engine.cuda_graphs import GraphedSteps
 from latentlab.engine.interface import StepOutput
 from latentlab.methods.base import lm_loss, right_padded_states

@@ -25,8 +25,8 @@ import torch
 from common import DTYPES, Clock, gigabytes, word_tokenizer
 from torch import Tensor
 
-from latentlab.backbones import add_special_tokens, build_backbone
-from latentlab.config import ModelConfig
+from latentlab.backbones import ModelConfig, add_special_tokens, build_backbone
+from latentlab.engine.interface import batch_to
 from latentlab.methods import METHODS, Method
 from latentlab.tasks.base import Example
 
@@ -42,11 +42,7 @@ def build(name: str, preset: str, vocab: int, latents: int, device: torch.device
     tokenizer = word_tokenizer(vocab)
     backbone = build_backbone(ModelConfig(name=preset), tokenizer, seed=0)
     add_special_tokens(tokenizer, backbone, cls.special_tokens(config))
-    return cls(config, backbone, tokenizer).to(device)
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    return cls.implementation(config)(config, backbone, tokenizer).to(device)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -88,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     for name in args.methods.split(","):
         method = build(name, args.preset, args.vocab, args.latents, device)
-        batch = to_device(method.collate([method.encode(e) for e in examples]), device)
+        batch = batch_to(method.collate([method.encode(e) for e in examples]), device)
         trainable = [p for p in method.parameters() if p.requires_grad]
 
         def train_step(method: Method = method, batch: dict[str, Any] = batch,
@@ -127,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         method = build("liu", args.preset, args.vocab, args.pretrain_latents, device,
                        augmentation_points=args.points, ahead_tokens=args.ahead,
                        trace_packing=packing)
-        batch = to_device(method.collate([method.encode_text(w) for w in text]), device)
+        batch = batch_to(method.collate([method.encode_text(w) for w in text]), device)
 
         def pretrain_step(method: Method = method, batch: dict[str, Any] = batch) -> None:
             with autocast:

@@ -1,6 +1,6 @@
 """Training throughput of latentlab's own path against a plain Hugging Face loop, in one run.
 
-For each shape (`--shapes`): `latentlab.run.train` itself (the engine, its data pipeline and
+For each shape (`--shapes`): `latentlab.recipes.train` itself (the engine, its data pipeline and
 the method's loss; plain, with `method.packing` on the task shapes, with `model.compile`), then
 the Hugging Face anchor on the same examples and the same model architecture:
 `AutoModelForCausalLM` with eager attention, SDPA, and SDPA + `torch.compile`, fed right-padded
@@ -37,7 +37,8 @@ from torch import Tensor
 from latentlab.backbones import build_backbone, count_parameters, load_saved_tokenizer
 from latentlab.config import RunConfig, load_config
 from latentlab.methods.base import answer_text, prompt_text, steps_text
-from latentlab.run import StreamedEpoch, train
+from latentlab.recipes import train
+from latentlab.recipes.reasoning import StreamedEpoch
 from latentlab.tasks import build_task
 from latentlab.tasks.text import TextTask
 

@@ -1,4 +1,4 @@
-# Shared by the session scripts: `ll` runs latentlab; `timed NAME CMD...` runs CMD with its
+# Shared by the chain scripts: `ll` runs latentlab; `timed NAME CMD...` runs CMD with its
 # output in $R/NAME.log and appends NAME, seconds and exit status to $R/times.tsv.
 ll() { python3 -m latentlab "$@"; }
 timed() {  # timed NAME COMMAND...: run, log to R/NAME.log, record seconds and exit status

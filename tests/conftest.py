@@ -13,10 +13,10 @@ import torch
 import yaml
 from torch import nn
 
-from latentlab.config import TrainConfig
+from latentlab.engine.config import TrainConfig
 from latentlab.engine.interface import Stage, StepOutput
 from latentlab.engine.trainer import WALL_CLOCK_KEYS, Trainer
-from latentlab.tasks.base import resolve_path
+from latentlab.paths import resolve_path
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def engine_run(run_dir: Path, monkeypatch: pytest.MonkeyPatch, step_s: float, ev
     """The engine alone, training a linear regression (64 examples, batches of 8) on a fake
     clock; validation returns `scores(step)` (default: accuracy 0). Returns the trainer and
     the rows of metrics.jsonl, each with the final step added as `final_step`."""
-    from latentlab.run import make_accelerator
+    from latentlab.recipes.building import make_accelerator
 
     run_dir.mkdir(exist_ok=True)
     clock = Clock(step_s, eval_s)

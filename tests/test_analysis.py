@@ -21,26 +21,21 @@ from tokenizers.models import WordLevel
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from latentlab.analysis import (
+from latentlab.config import dump_config, load_config
+from latentlab.errors import ConfigError, RunError
+from latentlab.methods.base import steps_text
+from latentlab.methods.latent_sft import LatentSFT, LatentSFTEncoder
+from latentlab.methods.latent_sft.metrics import ecr_at_k, effective_parallelism, solution_paths
+from latentlab.recipes import evaluate, load_run, train
+from latentlab.study.analysis import (
     analyze_run,
     capture_matrix,
     default_max_components,
     plot_heatmap,
     top_tokens,
 )
-from latentlab.config import dump_config, load_config
-from latentlab.errors import ConfigError, RunError
-from latentlab.latent_metrics import (
-    countdown_solutions,
-    ecr_at_k,
-    effective_parallelism,
-    encoder_ecr,
-    solution_paths,
-)
-from latentlab.methods.base import steps_text
-from latentlab.methods.latent_sft import LatentSFT
-from latentlab.run import evaluate, load_run, train
 from latentlab.tasks import build_task
+from latentlab.tasks.countdown import all_solutions
 
 D = 12
 
@@ -271,7 +266,7 @@ def test_a_method_without_latents_is_refused(tmp_path: Path) -> None:
                 tmp_path / "config.yaml")
     with pytest.raises(RunError, match="method cot has no latents to analyse") as err:
         analyze_run(tmp_path)
-    able = ["pause", "soft", "liu", "h1", "h2", "coconut", "latent_sft"]
+    able = ["pause", "soft", "liu", "h1", "h2", "coconut", "latent_sft", "codi"]
     assert err.value.fix == f"analyse a run of {', '.join(able[:-1])} or {able[-1]}"
 
 
@@ -289,7 +284,7 @@ def test_cli_analyze_prints_the_summary_as_json(soft_run: Path, capsys) -> None:
 LATENT_SFT_KEYS = {
     "run_dir", "task", "method", "split", "n", "phase", "encoder_run", "chunk_size", "k",
     "ecr_at_k", "length", "n_eff_mean", "n_eff_share_above", "n_eff_threshold", "n_eff_examples",
-    "multi_solution_examples", "n_eff_note", "per_example"}
+    "multi_solution_examples", "n_eff_note", "per_example", "summary"}
 
 
 @pytest.fixture(scope="module")
@@ -346,7 +341,7 @@ def test_analyze_latent_sft_writes_ecr_lengths_and_n_eff(latent_sft_runs: tuple[
     # N_eff: 1 <= N_eff <= M where defined (M >= 2 solutions, T >= 1 latent step), and example
     # by example the value of that example alone.
     assert [r["solutions"] for r in rows] == [
-        len(countdown_solutions(e.meta["numbers"], e.meta["target"])) for e in examples]
+        len(all_solutions(e.meta["numbers"], e.meta["target"])) for e in examples]
     scored = [r["n_eff"] for r in rows if r["n_eff"] is not None]
     assert len(scored) == saved["n_eff_examples"] >= 2
     for example, row in zip(examples, rows, strict=True):
@@ -354,7 +349,7 @@ def test_analyze_latent_sft_writes_ecr_lengths_and_n_eff(latent_sft_runs: tuple[
         if row["n_eff"] is not None:
             assert 1.0 - 1e-9 <= row["n_eff"] <= row["solutions"] + 1e-9
             (q,) = method.latent_distributions([example])
-            solutions = countdown_solutions(example.meta["numbers"], example.meta["target"])
+            solutions = all_solutions(example.meta["numbers"], example.meta["target"])
             alone = effective_parallelism(q, solution_paths(method.tokenizer, solutions, len(q)))
             assert row["n_eff"] == pytest.approx(alone, rel=1e-4)
     assert saved["multi_solution_examples"] == sum(r["solutions"] >= 2 for r in rows)
@@ -364,7 +359,7 @@ def test_analyze_latent_sft_writes_ecr_lengths_and_n_eff(latent_sft_runs: tuple[
     # The encoder run itself: the same ECR@K, no lengths, no N_eff (its decoder never learned
     # to produce latents). With K = V every chunk token is found: ECR = mean chunk length.
     vocab = encoder.backbone.get_input_embeddings().num_embeddings
-    own = analyze_run(encoder_run, split="valid", ecr_k=vocab)["latent_sft"]
+    own = analyze_run(encoder_run, split="valid", options={"ecr_k": vocab})["latent_sft"]
     assert own["phase"] == "encoder" and own["encoder_run"] == str(encoder_run)
     r = encoder.config.chunk_size
     lengths = [len(encoder.tokenizer(steps_text(e.steps), add_special_tokens=False)
@@ -400,12 +395,12 @@ def test_encoder_ecr_pairs_each_examples_alphas_with_its_chunks() -> None:
     echo = ChunkEcho()
     chunks = [c for e in examples for c in echo.chunks(e)]
     mean_length = sum(map(len, chunks)) / len(chunks)
-    assert encoder_ecr(echo, examples, k=5, batch_size=3) == pytest.approx(mean_length)
+    assert LatentSFTEncoder.ecr(echo, examples, k=5, batch_size=3) == pytest.approx(mean_length)
     assert echo.batches == [3, 3, 1]
     # K = 1 finds only each chunk's first token: one per latent.
-    assert encoder_ecr(echo, examples, k=1, batch_size=2) == pytest.approx(1.0)
+    assert LatentSFTEncoder.ecr(echo, examples, k=1, batch_size=2) == pytest.approx(1.0)
     with pytest.raises(ConfigError, match="K <= the vocabulary size \\(40\\)"):
-        encoder_ecr(echo, examples, k=41)
+        LatentSFTEncoder.ecr(echo, examples, k=41)
 
 
 def test_cli_analyze_passes_ecr_k_and_refuses_a_k_beyond_the_vocabulary(
@@ -413,12 +408,18 @@ def test_cli_analyze_passes_ecr_k_and_refuses_a_k_beyond_the_vocabulary(
     from latentlab.cli import main
 
     encoder_run, _ = latent_sft_runs
-    assert main(["analyze", str(encoder_run), "--n", "4", "--ecr-k", "1"]) == 0
+    assert main(["analyze", str(encoder_run), "--n", "4", "--option", "ecr_k=1"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["latent_sft"]["k"] == 1 and summary["latent_sft"]["n"] == 4
     assert 0.0 <= summary["latent_sft"]["ecr_at_k"] <= 1.0  # one token per latent at most
     with pytest.raises(ConfigError, match="ECR@K needs 1 <= K"):
-        analyze_run(encoder_run, n=2, ecr_k=10**6)
+        analyze_run(encoder_run, n=2, options={"ecr_k": 10**6})
+    # Checked before the model loads: the method's own options, valid values only.
+    with pytest.raises(ConfigError, match="--option ecr_k=-3 is invalid for method latent_sft"):
+        analyze_run(encoder_run, n=2, options={"ecr_k": -3})
+    with pytest.raises(ConfigError, match=r"--option ecr is not an analysis option of method "
+                                          r"latent_sft\. Fix: use one of ecr_k"):
+        analyze_run(encoder_run, n=2, options={"ecr": 5})
 
 
 def test_a_removed_encoder_run_is_a_clear_error(latent_sft_runs: tuple[Path, Path],

@@ -12,6 +12,7 @@ from transformers import AutoConfig
 from latentlab.backbones import (
     PRESETS,
     RECOMPILE_LIMIT,
+    ModelConfig,
     add_special_tokens,
     build_backbone,
     build_tokenizer,
@@ -20,7 +21,6 @@ from latentlab.backbones import (
     count_parameters,
     train_tokenizer,
 )
-from latentlab.config import ModelConfig
 from latentlab.errors import ModelError
 
 CORPUS = ["Numbers: 25 5 4. Target: 80.\n25-5=20\n20*4=80\n### (25-5)*4",

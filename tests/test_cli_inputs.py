@@ -45,7 +45,7 @@ def files_in(folder: Path) -> set[str]:
 # (bad numbers and usage errors of every sub-command are cases of tests/test_bad_input.py)
 
 def test_analyze_run_names_a_too_small_n_not_the_split(tmp_path: Path) -> None:
-    from latentlab.analysis import analyze_run
+    from latentlab.study.analysis import analyze_run
 
     with pytest.raises(ConfigError, match="n is 1: the capture matrix compares at least 2") \
             as err:
@@ -170,9 +170,9 @@ EVAL_RESULTS = {"task": "countdown", "method": "cot", "split": "test", "data": N
 
 def test_eval_summarises_in_words_on_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    import latentlab.run
+    import latentlab.recipes.training
 
-    monkeypatch.setattr(latentlab.run, "evaluate_run", lambda *args: dict(EVAL_RESULTS))
+    monkeypatch.setattr(latentlab.recipes, "evaluate_run", lambda *args: dict(EVAL_RESULTS))
     assert main(["eval", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out.splitlines()[-1]) == EVAL_RESULTS  # what scripts parse
@@ -185,11 +185,11 @@ def test_eval_summarises_in_words_on_stderr(tmp_path: Path, monkeypatch: pytest.
 def test_eval_summary_of_a_data_file_and_an_unknown_best_step(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    import latentlab.run
+    import latentlab.recipes.training
 
     results = {**EVAL_RESULTS, "data": "d.jsonl", "accuracy": 0.0, "n": 8, "best_step": None}
     del results["latent_steps"], results["step_edges"]
-    monkeypatch.setattr(latentlab.run, "evaluate_run", lambda *args: dict(results))
+    monkeypatch.setattr(latentlab.recipes, "evaluate_run", lambda *args: dict(results))
     assert main(["eval", str(tmp_path), "--data", "d.jsonl"]) == 0
     assert capsys.readouterr().err.splitlines() == [
         "accuracy 0.0% on 8 examples of d.jsonl (cot on countdown, run runs/x, best model)"]
@@ -197,12 +197,12 @@ def test_eval_summary_of_a_data_file_and_an_unknown_best_step(
 
 def test_eval_summary_of_a_text_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    import latentlab.run
+    import latentlab.recipes.training
 
     results = {"task": "text", "method": "h1", "split": "valid", "n": 40, "perplexity": 12.3456,
                "base_perplexity": 15.0, "perplexity_by_position": [11.0, 13.0],
                "run_dir": "runs/t"}
-    monkeypatch.setattr(latentlab.run, "evaluate_run", lambda *args: dict(results))
+    monkeypatch.setattr(latentlab.recipes, "evaluate_run", lambda *args: dict(results))
     assert main(["eval", str(tmp_path), "--split", "valid"]) == 0
     assert capsys.readouterr().err.splitlines() == [
         "valid perplexity 12.346 on 40 windows (h1 on text, run runs/t, best model)",
@@ -216,14 +216,15 @@ ANALYSIS = {"run_dir": "runs/s", "task": "countdown", "method": "soft", "split":
             "files": ["runs/s/analysis/capture.json", "runs/s/analysis/capture.png"]}
 
 
-@pytest.mark.parametrize("latent_sft", [None, {"k": 50, "ecr_at_k": 0.5321, "n_eff_mean": 1.8}])
+@pytest.mark.parametrize("latent_sft", [None, {"k": 50, "ecr_at_k": 0.5321, "n_eff_mean": 1.8,
+                                               "summary": "ECR@50 0.532, mean N_eff 1.800"}])
 def test_analyze_summarises_in_words_on_stderr(latent_sft: dict[str, Any] | None,
                                                monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    import latentlab.analysis
+    import latentlab.study.analysis
 
     summary = {**ANALYSIS, **({"latent_sft": latent_sft} if latent_sft else {})}
-    monkeypatch.setattr(latentlab.analysis, "analyze_run", lambda *args: dict(summary))
+    monkeypatch.setattr(latentlab.study.analysis, "analyze_run", lambda *args: dict(summary))
     assert main(["analyze", "runs/s"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out.splitlines()[-1]) == summary
@@ -234,5 +235,5 @@ def test_analyze_summarises_in_words_on_stderr(latent_sft: dict[str, Any] | None
         "16)",
         "files: runs/s/analysis/capture.json, runs/s/analysis/capture.png"]
     if latent_sft:
-        expected.insert(2, "Latent-SFT: ECR@50 0.532, mean N_eff 1.800")
+        expected.insert(2, "latent_sft: ECR@50 0.532, mean N_eff 1.800")
     assert err.splitlines() == expected

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentlab.backbones import add_special_tokens, build_backbone, train_tokenizer
-from latentlab.config import ModelConfig
+from latentlab.backbones import ModelConfig, add_special_tokens, build_backbone, train_tokenizer
 from latentlab.errors import ConfigError
 from latentlab.methods.coprocessor import H1, H2, H1Config, H2Config, Liu, LiuConfig
 

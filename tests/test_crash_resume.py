@@ -31,11 +31,11 @@ from conftest import FinishedRun, metric_rows
 from torch import nn
 
 from latentlab.cli import main
-from latentlab.config import TrainConfig
 from latentlab.engine.checkpoint import FAULT_ENV, CheckpointManager, existing_dir
+from latentlab.engine.config import TrainConfig
 from latentlab.engine.interface import Stage, StepOutput
 from latentlab.engine.trainer import Trainer
-from latentlab.run import make_accelerator
+from latentlab.recipes.building import make_accelerator
 
 CHECKPOINT_FILES = {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng-0.pt", "state.json"}
 RANDOM_KILLS = 4

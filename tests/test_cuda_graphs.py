@@ -21,7 +21,7 @@ from test_training import tiny
 from latentlab.engine.cuda_graphs import GraphedSteps, layout
 from latentlab.errors import ConfigError, RunError
 from latentlab.methods.coconut import Coconut
-from latentlab.run import train
+from latentlab.recipes import train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 NO_DROPOUT = "model.preset_overrides={resid_pdrop: 0, embd_pdrop: 0, attn_pdrop: 0}"

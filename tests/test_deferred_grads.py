@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentlab.backbones import build_backbone, train_tokenizer
-from latentlab.config import ModelConfig
+from latentlab.backbones import ModelConfig, build_backbone, train_tokenizer
 from latentlab.engine.deferred_grads import defer_shared_grads
 from latentlab.engine.generation import with_cache
 from latentlab.engine.piecewise_cache import PiecewiseLayer, piecewise_cache

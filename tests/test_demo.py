@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from latentlab.demo import run_demo
 from latentlab.errors import ConfigError
+from latentlab.study.demo import run_demo
 
 
 def test_demo_trains_the_base_first_and_writes_the_report(tmp_path: Path, capsys) -> None:
@@ -17,10 +17,10 @@ def test_demo_trains_the_base_first_and_writes_the_report(tmp_path: Path, capsys
     assert [r["method"] for r in rows] == ["nocot", "h1"]
     assert rows[1]["starts_from"] == "nocot"
     saved = yaml.safe_load((tmp_path / "h1" / "config.yaml").read_text())
-    assert Path(saved["model"]["init_from"]) == tmp_path / "nocot"
+    assert Path(saved["model"]["init_from"]) == tmp_path / "upstream-nocot"
     report = (tmp_path / "report.md").read_text()
     assert "| h1 | nocot |" in report and "| nocot | random init |" in report
     assert json.loads((tmp_path / "results.json").read_text()) == rows
     assert "| h1 |" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match="unknown method"):
+    with pytest.raises(ConfigError, match="has no job nope"):
         run_demo(methods=["nope"], out=tmp_path / "x")

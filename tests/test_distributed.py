@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from test_training import TINY
 
-from latentlab.run import load_run
+from latentlab.recipes import load_run
 
 # 40 training examples, 4 per process and step: 5 steps per epoch on two processes, 10 on one.
 CONFIG = {**TINY, "method": {"name": "coconut", "max_latent_stage": 1, "epochs_per_stage": 1},

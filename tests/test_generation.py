@@ -8,8 +8,7 @@ import warnings
 import pytest
 import torch
 
-from latentlab.backbones import build_backbone, train_tokenizer
-from latentlab.config import ModelConfig
+from latentlab.backbones import ModelConfig, build_backbone, train_tokenizer
 from latentlab.engine.generation import greedy_decode, left_pad, padded_attention, prefill
 
 TEXTS = ["Numbers: 3 5 7. Target: 22.\n3*5=15\n15+7=22\n### 3*5+7"] * 20 + [

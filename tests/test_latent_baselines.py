@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from latentlab.backbones import add_special_tokens, build_backbone, train_tokenizer
-from latentlab.config import ModelConfig
-from latentlab.latents import orthogonality_penalty
+from latentlab.backbones import ModelConfig, add_special_tokens, build_backbone, train_tokenizer
+from latentlab.latents import orthogonality_penalty, padded_rows
 from latentlab.methods.base import IGNORE
 from latentlab.methods.pause import Pause, PauseConfig, SoftEmbedding, SoftEmbeddingConfig
 from latentlab.tasks.base import Example
@@ -46,6 +45,34 @@ def test_orthogonality_penalty_matches_hand_computed_cases() -> None:
     grad = torch.tensor([[[1.0, 0.0], [math.cos(0.3), math.sin(0.3)]]], requires_grad=True)
     orthogonality_penalty(grad).backward()
     assert grad.grad is not None and grad.grad.abs().sum() > 0
+
+
+def test_masked_penalty_is_the_mean_over_examples_of_their_own_penalties() -> None:
+    # Examples with 3, 1 and 2 latents, padded to 3 with junk the mask must hide.
+    torch.manual_seed(0)
+    own = [torch.randn(3, 5), torch.randn(1, 5), torch.randn(2, 5)]
+    padded = torch.randn(3, 3, 5)
+    valid = torch.zeros(3, 3, dtype=torch.bool)
+    for row, z in enumerate(own):
+        padded[row, :len(z)], valid[row, :len(z)] = z, True
+    expected = (orthogonality_penalty(own[0][None]) + orthogonality_penalty(own[2][None])) / 2
+    torch.testing.assert_close(orthogonality_penalty(padded, valid), expected)
+    # All valid: the unmasked penalty; no example with a pair: 0.
+    torch.testing.assert_close(orthogonality_penalty(padded, torch.ones(3, 3, dtype=torch.bool)),
+                               orthogonality_penalty(padded))
+    assert orthogonality_penalty(padded, valid & (torch.arange(3) < 1)).item() == 0.0
+
+
+def test_padded_rows_regroups_row_major_vectors_by_row() -> None:
+    where = torch.tensor([[False, True, True, False], [False, False, False, False],
+                          [True, False, True, True]])
+    values = torch.arange(5 * 2, dtype=torch.float).view(5, 2)  # the 5 True entries, in order
+    out, valid = padded_rows(values, where)
+    assert out.shape == (3, 3, 2) and valid.tolist() == [[True, True, False], [False] * 3,
+                                                         [True] * 3]
+    torch.testing.assert_close(out[0, :2], values[:2])
+    torch.testing.assert_close(out[2], values[2:])
+    assert not out[1].any() and not out[0, 2].any()
 
 
 @pytest.mark.parametrize("cls,config", [(Pause, PauseConfig(latent_budget=3)),

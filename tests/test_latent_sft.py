@@ -1,7 +1,7 @@
 """Latent-SFT against computations that do not use its code paths: hand-written masks and
 positions, the stage-1 loss as separate causal passes (one per latent, one per chunk), the
 stage-2 loss from full-vocabulary distributions, uncached per-example inference, hand-computed
-metrics; then the two-phase pipeline end to end through `latentlab.run.train`."""
+metrics; then the two-phase pipeline end to end through `latentlab.recipes.train`."""
 
 from __future__ import annotations
 
@@ -19,17 +19,18 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
-from latentlab.backbones import EOS, PAD, add_special_tokens, build_backbone, train_tokenizer
-from latentlab.config import ModelConfig, load_config
+from latentlab.backbones import (
+    EOS,
+    PAD,
+    ModelConfig,
+    add_special_tokens,
+    build_backbone,
+    train_tokenizer,
+)
+from latentlab.config import load_config
 from latentlab.engine.generation import with_cache
 from latentlab.errors import ConfigError
-from latentlab.latent_metrics import (
-    countdown_solutions,
-    ecr_at_k,
-    effective_parallelism,
-    length_stats,
-    split_segments,
-)
+from latentlab.latents import orthogonality_penalty
 from latentlab.methods import METHODS
 from latentlab.methods.base import IGNORE, answer_text, steps_text
 from latentlab.methods.latent_sft import (
@@ -38,16 +39,25 @@ from latentlab.methods.latent_sft import (
     THINK,
     LatentSFT,
     LatentSFTConfig,
+    LatentSFTLatent,
+)
+from latentlab.methods.latent_sft.metrics import (
+    ecr_at_k,
+    effective_parallelism,
+    length_stats,
+    split_segments,
+)
+from latentlab.methods.latent_sft.soft_labels import load_soft_labels, write_soft_labels
+from latentlab.methods.latent_sft.superposition import (
     gumbel_targets,
     latent_kl,
-    load_soft_labels,
+    mixture,
     noise_generator,
-    write_soft_labels,
 )
-from latentlab.run import evaluate, load_run, train
+from latentlab.recipes import evaluate, load_run, train
 from latentlab.tasks import build_task
 from latentlab.tasks.base import Example
-from latentlab.tasks.countdown import solve, verify
+from latentlab.tasks.countdown import all_solutions, solve, verify
 
 EXAMPLES = [
     Example("Numbers: 9 2 4 8. Target: 10.", ("9-8=1", "4*2=8", "8+1=9"), "4*2+9-8"),
@@ -64,7 +74,7 @@ def make(preset: str = "gpt2-tiny", tokenizer: Any = None, **options: Any) -> La
     config = LatentSFTConfig(**options)
     add_special_tokens(tokenizer, backbone, LatentSFT.special_tokens(config))
     torch.manual_seed(1)
-    return LatentSFT(config, backbone, tokenizer).eval()  # eval: no dropout
+    return LatentSFT.implementation(config)(config, backbone, tokenizer).eval()  # no dropout
 
 
 # ------------------------------------------------------------------------ masks, positions
@@ -363,6 +373,37 @@ def latent_method(encoder: LatentSFT, tmp_path: Path, **options: Any) -> LatentS
     return method
 
 
+def test_orthogonality_penalises_each_examples_own_latents_in_both_phases(
+        tmp_path: Path) -> None:
+    # A penalty per example with a pair of latents, averaged (the last has none: no steps).
+    encoder = make(chunk_size=3, orthogonality=1.5)
+    features = [encoder.encode(e) for e in EXAMPLES]
+    with torch.no_grad():
+        own = []
+        for f in features:
+            batch = encoder.collate([f])
+            z, _, _ = encoder.encoder_latents(batch["encoder_ids"], batch["encoder_kinds"],
+                                              batch["encoder_mask"])
+            if len(z) >= 2:
+                own.append(orthogonality_penalty(z[None]))
+        out = encoder(encoder.collate(features))
+    assert 2 <= len(own) < len(EXAMPLES)
+    torch.testing.assert_close(out.metrics["orthogonality"], torch.stack(own).mean())
+
+    latent = latent_method(make(chunk_size=3), tmp_path, chunk_size=3, orthogonality=1.5)
+    table = latent.backbone.get_input_embeddings().weight
+    with torch.no_grad():
+        own = []
+        for example in EXAMPLES:
+            batch = latent.collate([latent.encode(example)])  # the same noise as in a batch
+            if int(batch["slot"].sum()) >= 2:
+                fed = mixture(table, batch["slot_indices"], batch["slot_probs"])
+                own.append(orthogonality_penalty(fed[None]))
+        out = latent(latent.collate([latent.encode(e) for e in EXAMPLES]))
+    assert 2 <= len(own) < len(EXAMPLES)
+    torch.testing.assert_close(out.metrics["orthogonality"], torch.stack(own).mean())
+
+
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
 def test_stage2_loss_equals_cross_entropy_plus_full_vocabulary_kl(preset: str,
                                                                   tmp_path: Path) -> None:
@@ -609,17 +650,17 @@ def test_effective_parallelism_matches_hand_computation() -> None:
 def test_countdown_solutions_are_every_valid_step_list() -> None:
     # By hand: (1,2)->3: 3+3; 1*2 or 2/1 -> 2: 3*2; (1,3)->4: 4+2; 1*3 or 3/1 -> 3: 3*2;
     # (2,3)->5: 5+1; (2,3)->6: 6*1 or 6/1. Nine step lists.
-    solutions = countdown_solutions([1, 2, 3], 6)
+    solutions = all_solutions([1, 2, 3], 6)
     assert solutions == sorted([
         ("2+1=3", "3+3=6"), ("2*1=2", "3*2=6"), ("2/1=2", "3*2=6"), ("3+1=4", "4+2=6"),
         ("3*1=3", "3*2=6"), ("3/1=3", "3*2=6"), ("3+2=5", "5+1=6"), ("3*2=6", "6*1=6"),
         ("3*2=6", "6/1=6")])
     numbers, target = [25, 5, 4, 3], 77
-    many = countdown_solutions(numbers, target)
+    many = all_solutions(numbers, target)
     assert many and len(set(many)) == len(many)
     assert all(verify("\n".join(s), numbers, target) for s in many)
     assert tuple(solve(numbers, target) or ()) in many
-    assert countdown_solutions([2, 3], 7) == []
+    assert all_solutions([2, 3], 7) == []
 
 
 def test_length_stats() -> None:
@@ -674,7 +715,7 @@ def test_two_phase_pipeline_end_to_end(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows if "loss" in r} == {0, 1}  # a stage per epoch
     method, config = load_run(second)
-    assert isinstance(method, LatentSFT) and method.encoder is None
+    assert isinstance(method, LatentSFTLatent) and not hasattr(method, "encoder")
     task = build_task(config.task)
     metrics, predictions = evaluate(method, task, task.load("test"), config.eval)
     assert metrics == results["test"] and len(predictions) == 8

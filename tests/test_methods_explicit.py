@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentlab.backbones import build_backbone, train_tokenizer
-from latentlab.config import ModelConfig
+from latentlab.backbones import ModelConfig, build_backbone, train_tokenizer
 from latentlab.methods.base import IGNORE, LABEL_BUCKET, extract_answer, label_index, lm_loss
 from latentlab.methods.cot import CoT, CoTConfig, NoCoT, NoCoTConfig
 from latentlab.tasks import CountdownConfig, CountdownTask

@@ -19,12 +19,11 @@ from accelerate.state import AcceleratorState
 from conftest import FinishedRun, metric_rows
 from torch import Tensor
 
-from latentlab import run
 from latentlab.cli import main
 from latentlab.engine.checkpoint import CheckpointManager
 from latentlab.engine.interface import StepOutput
 from latentlab.methods.cot import CoT
-from latentlab.run import load_run
+from latentlab.recipes import load_run, training
 
 
 class InfGradient(torch.autograd.Function):
@@ -71,7 +70,7 @@ def emulate_fp16_scaler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[]
         acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=1024.0), True
         return acc
 
-    yield lambda: monkeypatch.setattr(run, "make_accelerator", with_scaler)
+    yield lambda: monkeypatch.setattr(training, "make_accelerator", with_scaler)
     AcceleratorState._reset_state()
 
 

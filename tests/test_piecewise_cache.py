@@ -8,8 +8,7 @@ import weakref
 import pytest
 import torch
 
-from latentlab.backbones import build_backbone, train_tokenizer
-from latentlab.config import ModelConfig
+from latentlab.backbones import ModelConfig, build_backbone, train_tokenizer
 from latentlab.engine.generation import with_cache
 from latentlab.engine.piecewise_cache import PiecewiseLayer, piecewise_cache
 

@@ -16,10 +16,10 @@ import pytest
 import yaml
 from test_sweep import SWEEPS, TINY, one_thread
 
-from latentlab.analysis import analyze_run
 from latentlab.errors import RunError
-from latentlab.report import Line, Plot, build_report, render
-from latentlab.sweep import run_sweep
+from latentlab.study.analysis import analyze_run
+from latentlab.study.report import Line, Plot, build_report, render
+from latentlab.study.sweep import run_sweep
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SENTENCES = ["The cat sat on the mat.", "A dog ran in the park.", "Rain fell on the town.",

@@ -12,8 +12,8 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-import latentlab.report
-from latentlab.report import Plot, build_report
+import latentlab.study.report
+from latentlab.study.report import Plot, build_report
 
 ACCURACY_FIGURES = {"accuracy_vs_latents", "countdown_operands", "valid_accuracy"}
 
@@ -49,13 +49,13 @@ def test_accuracy_axes_stay_within_0_and_100_percent(
         for method, budget in (("soft", 1), ("soft", 2), ("nocot", None)):
             fake_run(runs, method, budget, seed, accuracy)
     figures: dict[str, Figure] = {}
-    render = latentlab.report.render
+    render = latentlab.study.report.render
 
     def keep(plot: Plot, path: Path) -> Figure:
         figures[plot.name] = render(plot, path)
         return figures[plot.name]
 
-    monkeypatch.setattr(latentlab.report, "render", keep)
+    monkeypatch.setattr(latentlab.study.report, "render", keep)
     report = build_report([runs], tmp_path / "report")
     assert report.skipped == [] and len(report.runs) == 6
     assert ACCURACY_FIGURES | {"valid_perplexity"} <= set(figures)

@@ -18,7 +18,7 @@ from latentlab.cli import main
 from latentlab.engine.checkpoint import BEST_FILE, FILE_MODE, LOCK_FILE, run_lock
 from latentlab.engine.interface import StepOutput
 from latentlab.errors import RunError
-from latentlab.run import best_step
+from latentlab.recipes import RunDir
 from latentlab.tasks import CountdownConfig, CountdownTask
 
 
@@ -65,7 +65,7 @@ def test_tied_accuracy_goes_to_the_lower_validation_loss(tmp_path: Path,
 
     engine_run(tmp_path, monkeypatch, step_s=0.1, eval_s=0.0, max_steps=32,
                scores=scores)
-    assert best_step(tmp_path) == 16  # not the first tie (8), not an equal later one (32)
+    assert RunDir(tmp_path).best_step() == 16  # not the first tie (8), not an equal later one (32)
     assert json.loads((tmp_path / "best" / BEST_FILE).read_text())["valid"] == scores(16)
 
 
@@ -83,7 +83,7 @@ def test_results_record_the_scored_step_and_the_run_records_its_files(
     assert main(["train", str(config), f"out_dir={run_dir}"]) == 0
 
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["best_step"] == best_step(run_dir) in (4, 8, 12)
+    assert results["best_step"] == RunDir(run_dir).best_step() in (4, 8, 12)
     assert results["steps"] == 12 and results["skipped_steps"] == 0
     env = json.loads((run_dir / "environment.json").read_text())
     assert env["latentlab_shared"] == str(shared)

@@ -18,7 +18,8 @@ from test_training import final_weights, tiny
 
 from latentlab.engine.trainer import PLAN_AFTER_STEPS, WARM_STEPS
 from latentlab.errors import ConfigError
-from latentlab.run import StreamedEpoch, train
+from latentlab.recipes import train
+from latentlab.recipes.reasoning import StreamedEpoch
 from latentlab.tasks import CountdownConfig, CountdownTask, ProsQAConfig, ProsQATask
 
 STREAM = ("task.stream=true", "task.n_train=24")  # 3 steps of 8 per epoch

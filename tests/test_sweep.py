@@ -18,15 +18,9 @@ from conftest import metric_rows
 from latentlab.config import load_config
 from latentlab.engine.trainer import Interrupted
 from latentlab.errors import ConfigError, RunError
-from latentlab.run import train
-from latentlab.sweep import (
-    LOCK_FILE,
-    STATUS_FILE,
-    is_finished,
-    load_sweep,
-    plan_table,
-    run_sweep,
-)
+from latentlab.recipes import RunDir, train
+from latentlab.study.sweep import load_sweep, plan_table, run_sweep
+from latentlab.study.sweep.execute import LOCK_FILE, STATUS_FILE, format_table
 
 SWEEPS = Path(__file__).parents[1] / "configs" / "sweeps"
 TINY = SWEEPS / "tiny.yaml"
@@ -170,12 +164,13 @@ def test_sweep_skips_finished_runs_resumes_stopped_ones_and_reports_failures(
     assert not result.ok
     for name in TINY_JOBS:
         assert status[name]["status"] == "trained", status[name]
-        assert is_finished(out / name)
+        assert RunDir(out / name).is_finished()
         assert status[name]["result"] == "test accuracy " + format(json.loads(
             (out / name / "results.json").read_text())["test"]["accuracy"], ".3f")
     for name, (state, message) in failing.items():
         assert status[name]["status"] == state and message in status[name]["error"], name
-    assert "soft-nl0" in result.table() and "errors:" in result.table()
+    table = format_table(result.jobs)  # what the sweep prints last
+    assert "soft-nl0" in table and "errors:" in table
 
     dry_run = plan_table(load_sweep(sweep, out_dir=out))
     assert "nocot-s0           finished  test accuracy" in dry_run
@@ -196,18 +191,22 @@ def test_sweep_skips_finished_runs_resumes_stopped_ones_and_reports_failures(
     for path in sorted(job.run_dir.rglob("*"), reverse=True):
         path.unlink() if path.is_file() else path.rmdir()
     train(load_config(base=job.config.model_dump(), overrides=["train.stop_after=2"]))
-    assert not (job.run_dir / "results.json").exists() and not is_finished(job.run_dir)
+    assert not (job.run_dir / "results.json").exists() and not RunDir(job.run_dir).is_finished()
     run_sweep(sweep, out_dir=out)
     status = statuses(out)
     assert status["nocot-s1"]["status"] == "resumed"
     assert all(status[n]["status"] == "already_done" for n in TINY_JOBS if n != "nocot-s1")
-    assert is_finished(job.run_dir) and metric_rows(job.run_dir) == uninterrupted
+    assert RunDir(job.run_dir).is_finished() and metric_rows(job.run_dir) == uninterrupted
 
     # A finished run whose config is not the job's any more is reported, not passed off.
     run_sweep(sweep, ["train.lr=0.001"], out_dir=out)
     status = statuses(out)
     assert status["nocot-s0"]["status"] == "failed"
     assert "finished run of another config (it differs in train.lr)" in status["nocot-s0"]["error"]
+    # Keys a resume may change (how a run ends, runs or logs) leave it the same experiment.
+    run_sweep(sweep, ["train.stop_after=1000", "train.data_workers=0", "model.compile=false",
+                      "train.save_every_minutes=1"], out_dir=out)
+    assert all(statuses(out)[n]["status"] == "already_done" for n in TINY_JOBS)
 
 
 def test_an_interrupted_job_stops_the_sweep_and_is_marked(tmp_path: Path,
@@ -215,7 +214,7 @@ def test_an_interrupted_job_stops_the_sweep_and_is_marked(tmp_path: Path,
     def interrupted(config: Any, resume: bool = False) -> None:
         raise Interrupted("stopped by signal SIGINT after step 2; a checkpoint was saved")
 
-    monkeypatch.setattr("latentlab.sweep.train", interrupted)  # in this process
+    monkeypatch.setattr("latentlab.study.sweep.execute.train", interrupted)  # in this process
     with pytest.raises(Interrupted):
         run_sweep(TINY, out_dir=tmp_path / "out")
     status = statuses(tmp_path / "out")
@@ -228,7 +227,7 @@ def test_an_interrupted_job_stops_the_sweep_and_is_marked(tmp_path: Path,
         def sleep(seconds: float) -> None:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr("latentlab.sweep.time", CtrlC)
+    monkeypatch.setattr("latentlab.study.sweep.execute.time", CtrlC)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(TINY, workers=2, out_dir=tmp_path / "workers")
     status = statuses(tmp_path / "workers")
@@ -262,8 +261,8 @@ def test_worker_subprocesses_wait_for_their_upstream_and_report_failures(
     assert not result.ok
     config = load_config(out / "run" / "job.yaml")
     assert config.model.init_from == str(out / "upstream-base") and config.train.max_steps == 4
-    assert is_finished(out / "run") and "training from step 0" in (out / "run" / "job.log"
-                                                                   ).read_text()
+    assert RunDir(out / "run").is_finished()
+    assert "training from step 0" in (out / "run" / "job.log").read_text()
     error = status["nocot-max_length8"]["error"]
     assert "longer than train.max_length=8" in error and "exit status 2" in error
     # A second pass starts no worker: everything finished is skipped.

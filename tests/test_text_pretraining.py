@@ -11,7 +11,7 @@ import pytest
 from latentlab.cli import main
 from latentlab.config import load_config
 from latentlab.errors import ConfigError, DataError
-from latentlab.run import train
+from latentlab.recipes import train
 from latentlab.tasks import TextConfig, build_task
 
 SENTENCES = ["The cat sat on the mat.", "A dog ran in the park.", "Rain fell on the town.",

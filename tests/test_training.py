@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from latentlab.cli import main
 from latentlab.config import load_config
-from latentlab.run import train
+from latentlab.recipes import train
 
 TINY = {
     "task": {"name": "countdown", "operands": 3, "max_operand": 9, "min_target": 10,
@@ -83,7 +83,7 @@ def test_cli_train_then_eval_prints_json(tmp_path: Path, capsys, monkeypatch) ->
 
 
 def test_init_from_starts_a_new_method_from_an_earlier_runs_best_model(tmp_path: Path) -> None:
-    from latentlab.run import build_method, load_run
+    from latentlab.recipes import build_method, load_run
 
     base_dir = tmp_path / "base"
     train(tiny(base_dir, "train.max_steps=3"))
@@ -98,7 +98,7 @@ def test_init_from_starts_a_new_method_from_an_earlier_runs_best_model(tmp_path:
 
 @pytest.mark.parametrize("method", sorted(__import__("latentlab.methods").methods.METHODS))
 def test_every_method_trains_saves_reloads_and_generates(tmp_path: Path, method: str) -> None:
-    from latentlab.run import load_run
+    from latentlab.recipes import load_run
 
     results = train(tiny(tmp_path, f"method.name={method}", "train.max_steps=2",
                          "train.eval_every=2"))

@@ -29,9 +29,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from latentlab.config import ModelConfig
 from latentlab.errors import ModelError
-from latentlab.tasks.base import resolve_path
+from latentlab.model_config import ModelConfig
+from latentlab.paths import resolve_path
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ PRESETS: dict[str, Preset] = {
                                                        "rope_theta": 1_000_000.0},
                                    "tie_word_embeddings": True}),
 }
+
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import yaml
+
 from latentlab.errors import ConfigError, LatentlabError, PathError
 
 
@@ -125,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_data_generate)
 
     p = sub.add_parser("analyze", help="latent diagnostics of a run: subspace capture "
-                       "heatmap, silhouette, latents decoded to tokens; latent_sft runs also "
-                       "ECR@K, #L and N_eff")
+                       "heatmap, silhouette, latents decoded to tokens, and the method's own "
+                       "analyses (e.g. Latent-SFT's ECR@K, #L and N_eff)")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
     p.add_argument("--n", type=int, default=500, help="examples whose latents are collected")
@@ -135,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variance", type=float, default=0.9,
                    help="share of variance each slot's principal subspace explains, in (0, 1]")
     p.add_argument("--max-components", type=int, help="cap on a slot's subspace dimension")
-    p.add_argument("--ecr-k", type=int, default=50,
-                   help="latent_sft runs: K of ECR@K, the top-K tokens of a latent searched "
-                        "for its chunk's tokens (D: 50)")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="an option of the method's own analyses, e.g. ecr_k=50 for "
+                        "Latent-SFT's ECR@K (docs/analysis.md lists them); repeatable")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("sweep", help="run a grid of runs (methods x N_L x tasks x seeds) "
@@ -188,7 +190,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)  # before the slow imports below
     _quiet_progress_bars()
-    from latentlab.run import train
+    from latentlab.recipes import train
 
     results = train(config, resume=args.resume)
     print_results(results)
@@ -196,7 +198,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from latentlab.run import evaluate_run
+    from latentlab.recipes import evaluate_run
 
     # evaluate_run refuses a --batch-size or --max-new-tokens below 1 before loading the model.
     results = evaluate_run(args.run_dir, args.split, args.data, args.batch_size,
@@ -258,14 +260,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     _require_at_least("--n", args.n, 2, why=": the capture matrix compares at least 2 examples")
     _require_at_least("--top-k", args.top_k, 1)
     _require_at_least("--max-components", args.max_components, 1)
-    _require_at_least("--ecr-k", args.ecr_k, 1)
     if not 0.0 < args.variance <= 1.0:  # NaN fails too
         raise ConfigError(f"--variance is {args.variance}",
                           fix="give a share of variance above 0 and at most 1, e.g. 0.9")
-    from latentlab.analysis import analyze_run
+    options = {}
+    for item in args.option:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--option {item!r} is not NAME=VALUE",
+                              fix="write e.g. --option ecr_k=50")
+        options[name.strip()] = yaml.safe_load(value)
+    from latentlab.study.analysis import analyze_run
 
     summary = analyze_run(args.run_dir, args.split, args.n, args.top_k, args.readout,
-                          args.variance, args.max_components, args.ecr_k)
+                          args.variance, args.max_components, options)
     print_results(summary, _analysis_summary(summary))
     return 0
 
@@ -282,18 +290,15 @@ def _analysis_summary(summary: dict[str, Any]) -> list[str]:
     lines = [head, f"subspace dimensions per slot: {' '.join(map(str, summary['components']))} "
                    f"(explaining {summary['variance']:g} of each slot's variance, at most "
                    f"{summary['max_components']})"]
-    latent_sft = summary.get("latent_sft")
-    if latent_sft is not None:
-        n_eff = latent_sft["n_eff_mean"]
-        lines.append(f"Latent-SFT: ECR@{latent_sft['k']} {latent_sft['ecr_at_k']:.3f}"
-                     + (f", mean N_eff {n_eff:.3f}" if n_eff is not None else ""))
+    lines += [f"{name}: {values['summary']}" for name, values in summary.items()
+              if isinstance(values, dict) and "summary" in values]
     lines.append("files: " + ", ".join(summary["files"]))
     return lines
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     _require_at_least("--workers", args.workers, 0)
-    from latentlab.sweep import load_sweep, plan_table, run_sweep
+    from latentlab.study.sweep import load_sweep, plan_table, run_sweep
 
     if args.dry_run:
         print(plan_table(load_sweep(args.sweep, args.overrides, args.out_dir)))
@@ -303,7 +308,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from latentlab.report import build_report
+    from latentlab.study.report import build_report
 
     report = build_report(args.run_dirs, args.out, split=args.split)
     print(json.dumps({"report": str(report.out / "report.md"), "runs": len(report.runs),
@@ -313,7 +318,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     _require_at_least("--steps", args.steps, 1)
-    from latentlab.demo import run_demo
+    from latentlab.study.demo import run_demo
 
     methods = args.methods.split(",") if args.methods else None
     run_demo(methods=methods, out=args.out, steps=args.steps)

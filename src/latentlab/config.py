@@ -15,101 +15,16 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
+from latentlab.engine.config import Section, TrainConfig
 from latentlab.errors import ConfigError, require_file
 from latentlab.methods import METHOD_CONFIGS
+from latentlab.model_config import ModelConfig
 from latentlab.tasks import TASK_CONFIGS
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(Section):
-    name: str = Field("gpt2-tiny", description="a preset (see `latentlab.backbones.PRESETS`), "
-                      "a Hugging Face hub id, or a local model directory")
-    tokenizer: str = Field("auto", description="'auto': trained on the task's training text "
-                           "for presets, the model's own otherwise; 'train'; 'gpt2-bpe' (GPT-2's "
-                           "BPE files from $LATENTLAB_SHARED/data/gpt2_tokenizer); or a hub id/dir")
-    tokenizer_vocab_size: int = Field(1024, ge=300, description="size of a trained tokenizer")
-    init_from: str | None = Field(None, description="start from the best model of an earlier "
-                                  "run directory (e.g. a CoT- or No-CoT-trained Base)")
-    preset_overrides: dict[str, Any] = Field(default_factory=dict, description="architecture "
-                                             "fields changed on a preset, e.g. {n_layer: 4}")
-    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
-    compile: bool = Field(False, description="torch.compile each Hugging Face model's "
-                          "transformer body (dynamic shapes): fused kernels, a plain GPT-2 "
-                          "small step 1.5x faster on an H100; compiling takes minutes "
-                          "(docs/results.md)")
-
-
-class TrainConfig(Section):
-    epochs: int = Field(10, ge=1, description="passes over the training split")
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps; ends training "
-                                  "early if the epochs would take more (never extends them)")
-    max_time: float | None = Field(
-        None, gt=0, description="minutes of training (steps, validations, checkpoints; carried "
-        "over a resume): the speed is measured over the first steps and the schedule (warm-up, "
-        "cosine) laid out over the steps that fit, re-planned after each validation; the "
-        "epochs and max_steps stay upper bounds. The planned count is logged "
-        "(`planned_steps` in metrics.jsonl): train.max_steps=N repeats it exactly")
-    batch_size: int = Field(32, ge=1, description="examples per device per micro-step")
-    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    max_grad_norm: float | None = Field(1.0, gt=0, description="None: no clipping")
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="'auto': bf16 on a GPU that supports it, float32 on CPU")
-    eval_every: int = Field(0, ge=0, description="steps between validations; 0: each epoch")
-    eval_samples: int | None = Field(200, ge=1, description="validation examples scored "
-                                     "during training (None: all)")
-    save_every: int = Field(0, ge=0, description="steps between resumable checkpoints; "
-                            "0: at each validation")
-    save_every_minutes: float | None = Field(
-        5.0, gt=0, description="also checkpoint when this many minutes of training have passed "
-        "since the last checkpoint (a killed run loses at most that much); None: steps and "
-        "validations only")
-    stop_after: int | None = Field(None, ge=1, description="end this invocation after this many "
-                                   "optimizer steps with a checkpoint (for time-limited jobs); "
-                                   "`--resume` continues")
-    log_every: int = Field(10, ge=1)
-    data_workers: int | None = Field(
-        None, ge=0, description="processes that generate and collate batches ahead of the "
-        "step (None: up to 4 on a GPU, 0 on a CPU, where the cores train)")
-    max_length: int = Field(1024, ge=8, description="longest training sequence in tokens")
-    seed: int = 0
-    on_nonfinite: Literal["stop", "skip"] = Field(
-        "stop", description="a NaN/Inf loss or gradient: 'stop' the run (the last checkpoint "
-        "is kept), or 'skip' the step (no update; logged as {step, skipped: nonfinite})")
-    cuda_graphs: bool = Field(False, description="record each training step's forward and "
-                              "backward in a CUDA graph once per batch layout and replay it: "
-                              "for steps bound by kernel launches (Coconut's sequential "
-                              "passes); one CUDA device, bf16 or float32 (docs/design.md)")
-    max_skipped_steps: int = Field(25, ge=1, description="consecutive steps without an update "
-                                   "(skipped non-finite steps, fp16 loss-scale overflows) after "
-                                   "which the run stops: the run diverged")
-    max_skipped_share: float = Field(
-        0.5, ge=0, le=1, description="share of all steps that may be skipped (non-finite, fp16 "
-        "overflows); a run that skipped more ends with an error instead of results: its model "
-        "was mostly not trained")
-    trackers: list[Literal["tensorboard", "wandb"]] = Field(
-        default_factory=list, description="experiment trackers that get every metrics.jsonl "
-        "row, through accelerate (tensorboard: logs under RUN_DIR/trackers; each needs its "
-        "package installed, e.g. pip install 'latentlab[tensorboard]')")
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _yaml_no(cls, value: Any) -> Any:
-        return "no" if value is False else value  # YAML reads a bare `no` as false
 
 
 class EvalConfig(Section):

@@ -39,8 +39,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from latentlab.config import TrainConfig
 from latentlab.engine.checkpoint import CheckpointManager
+from latentlab.engine.config import TrainConfig
 from latentlab.engine.cuda_graphs import GraphedSteps
 from latentlab.engine.interface import Stage, batch_to
 from latentlab.errors import ConfigError, NumericalError, RunError
@@ -565,9 +565,12 @@ class Trainer:
                # batch generation starves the device (raise train.data_workers).
                "data_wait": window["wait"] / max(window["wait"] + window["time"], 1e-9),
                "train_seconds": round(state.train_seconds, 2), **means}
-        # Loss and token accuracy per part of the sequence (question, steps, answer).
-        parts = ", ".join(f"{k.removeprefix('loss_')} {v:.3f}/{means.get('acc_' + k[5:], 0):.1%}"
-                          for k, v in means.items() if k.startswith("loss_"))
+        # Loss and token accuracy per part of the sequence (question, steps, answer); other
+        # named losses (a method's terms) without an accuracy.
+        parts = ", ".join(
+            f"{k.removeprefix('loss_')} {v:.3f}" + (f"/{means['acc_' + k[5:]]:.1%}"
+                                                    if "acc_" + k[5:] in means else "")
+            for k, v in means.items() if k.startswith("loss_"))
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if not self._tty:  # a log file: what a bar would show, in words
             self.acc.print(f"step {state.step}: loss {row['loss']:.4f}"

@@ -15,6 +15,8 @@ the same strings and scoring never depends on the method.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -23,10 +25,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from latentlab.engine.generation import decode_completions, greedy_decode, left_pad, prefill
+from latentlab.engine.generation import (
+    DecodeState,
+    decode_completions,
+    greedy_decode,
+    left_pad,
+    prefill,
+)
 from latentlab.engine.interface import Stage, StepOutput
-from latentlab.errors import ConfigError
-from latentlab.tasks.base import Example
+from latentlab.errors import ConfigError, RunError
+from latentlab.tasks.base import Example, Task
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -63,6 +71,20 @@ Features = dict[str, Any]
 Batch = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class UpstreamRun:
+    """A finished run that a method reads besides its own model (Latent-SFT's phase-encoder
+    run), opened by the recipe: the method names it by the option that holds its directory
+    (`Method.upstream_options`) and gets it through `Method.open_run`."""
+
+    option: str  # e.g. "encoder_from": how the method's config names this run
+    run_dir: Path
+    method_config: MethodConfig
+    task: Task  # the run's task, as its config built it
+    batch_size: int  # the run's evaluation batch size
+    load: Callable[[], Method]  # its best model, on the device of the model that opened it
+
+
 class Method(nn.Module, ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
@@ -76,6 +98,28 @@ class Method(nn.Module, ABC):
         self.config = config
         self.backbone = backbone
         self.tokenizer = tokenizer
+        # Set by the recipe that builds or loads the model (recipes sit above methods).
+        self.run_opener: Callable[[str], UpstreamRun] | None = None
+
+    @classmethod
+    def implementation(cls, config: MethodConfig) -> type[Method]:
+        """The class that runs `config`: this one, or one of its variants (Latent-SFT's two
+        phases are two classes behind one method name)."""
+        return cls
+
+    # -- other runs ------------------------------------------------------------------------
+    def upstream_options(self) -> list[str]:
+        """The options of this method's config that name another run it reads (e.g.
+        `encoder_from`); the recipe checks them before training."""
+        return []
+
+    def open_run(self, option: str) -> UpstreamRun:
+        """The run the option `option` of this method's config names."""
+        if self.run_opener is None:
+            raise RunError(f"this {self.name} model was built outside a recipe, so it cannot "
+                           f"open the run method.{option} names",
+                           fix="build it with latentlab.recipes (train, load_run)")
+        return self.run_opener(option)
 
     # -- vocabulary -------------------------------------------------------------------------
     @classmethod
@@ -159,19 +203,54 @@ class Method(nn.Module, ABC):
     # -- inference -------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, examples: list[Example], max_new_tokens: int) -> list[str]:
-        """Greedy completions of each example's prompt (KV-cached, batched, left-padded)."""
-        prompts = [self.prompt_ids(e) for e in examples]
-        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id, self.device)
-        state = prefill(self.backbone, mask, inputs_embeds=self.embed(ids))
-        tokens = greedy_decode(self.backbone, state, max_new_tokens,
+        """Greedy completions after `before_answer` (KV-cached, batched, left-padded)."""
+        tokens = greedy_decode(self.backbone, self.before_answer(examples), max_new_tokens,
                                self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         return decode_completions(self.tokenizer, tokens)
+
+    def before_answer(self, examples: list[Example]) -> DecodeState:
+        """The decoding state from which the model writes its completion: the prompt read
+        (methods with latents, thoughts or a coprocessor add theirs here)."""
+        prompts = [self.prompt_ids(e) for e in examples]
+        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id, self.device)
+        return prefill(self.backbone, mask, inputs_embeds=self.embed(ids))
 
     def generate_with_steps(self, examples: list[Example],
                             max_new_tokens: int) -> tuple[list[str], list[int | None]]:
         """Completions and, for methods whose number of latent steps varies per example
         (Latent-SFT's `#L`), that number; None where it does not apply."""
         return self.generate(examples, max_new_tokens), [None] * len(examples)
+
+    # -- latents and analyses (methods with latents) ----------------------------------------
+    def latents(self, examples: list[Example]) -> Tensor:
+        """The latent vectors the model puts between question and answer at inference, [n,
+        N_L, d] (zero after an example's last where their number varies): what `latentlab
+        analyze` measures. Methods without latents keep this default."""
+        raise RunError(f"method {self.name!r} has no latents to analyse",
+                       fix="analyse a run of a method with latents (`latentlab analyze` lists "
+                           "them)")
+
+    @classmethod
+    def has_latents(cls) -> bool:
+        return cls.latents is not Method.latents
+
+    def latent_budget(self) -> int | None:
+        """N_L: the latent vectors the model may use per example (None: no latents), the axis
+        on which studies compare methods; recorded in results.json."""
+        budget = getattr(self.config, "latent_budget", None)
+        return budget if isinstance(budget, int) else None
+
+    # The options of `analyses`, validated by `latentlab analyze` before the model loads
+    # (`--option NAME=VALUE`); None: the method has no analyses of its own.
+    analysis_options: ClassVar[type[BaseModel] | None] = None
+
+    def analyses(self, task: Task, examples: list[Example], run_dir: Path,
+                 options: BaseModel | None, batch_size: int,
+                 max_new_tokens: int) -> dict[str, dict[str, Any]]:
+        """The method's own measures of its trained model on `examples` (e.g. Latent-SFT's
+        ECR@K and N_eff), by name: `latentlab analyze` writes each to `analysis/NAME.json`
+        and prints its `summary` line; a `per_example` entry stays in the file only."""
+        return {}
 
     def scores_held_out_loss(self) -> bool:
         """Whether `encode` takes examples outside the training split, so that a teacher-forced

@@ -35,9 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from latentlab.engine.deferred_grads import defer_shared_grads
 from latentlab.engine.generation import (
     DecodeState,
-    decode_completions,
     extend,
-    greedy_decode,
     left_pad,
     pad_safe_attention,
     prefill,
@@ -45,6 +43,7 @@ from latentlab.engine.generation import (
 )
 from latentlab.engine.piecewise_cache import piecewise_cache
 from latentlab.errors import ConfigError, RunError
+from latentlab.latents import with_orthogonality
 from latentlab.methods.base import (
     IGNORE,
     Batch,
@@ -86,6 +85,8 @@ FEEDBACK_MODES: frozenset[str] = frozenset({"coconut", "no_curriculum"})
 
 class CoconutConfig(MethodConfig):
     name: Literal["coconut"] = "coconut"
+    orthogonality: float = Field(0.0, ge=0.0, description="λ of the orthogonality penalty on "
+                                 "each example's continuous thoughts (METHODS.md section 6)")
     thoughts_per_step: int = Field(1, ge=1, description="c: thoughts replacing one step "
                                    "(1 for ProsQA, 2 for GSM8K)")
     max_latent_stage: int = Field(6, ge=1, description="last curriculum stage; it also removes "
@@ -204,6 +205,14 @@ class Coconut(Method):
         return self.config.thoughts_per_step * (k if self.config.uniform_thoughts
                                                 else min(k, n_steps))
 
+    def latent_budget(self) -> int:
+        """N_L: the thoughts of the last stage, at inference (the curriculum's aim)."""
+        if self.config.mode == "no_thought":
+            return 0
+        if self.config.thoughts_at_eval is not None:
+            return self.config.thoughts_at_eval
+        return self.config.max_latent_stage * self.config.thoughts_per_step
+
     def eval_thoughts(self) -> int:
         """Thoughts at inference: the step count is unknown there, so one number for all."""
         if self.config.mode == "no_thought":
@@ -260,7 +269,16 @@ class Coconut(Method):
 
     # -- training --------------------------------------------------------------------------
     def forward(self, batch: Batch) -> StepOutput:
-        return StepOutput(*part_lm_loss(self.backbone, self.hidden_states(batch), batch))
+        hidden = self.hidden_states(batch)
+        loss, metrics = part_lm_loss(self.backbone, hidden, batch)
+        n = batch["max_thoughts"]
+        if self.config.orthogonality and n > 1:
+            # Thought j of a row is the state of column bot+j-1 (fed back to column bot+j);
+            # rows with fewer thoughts hold tokens beyond theirs.
+            thoughts = hidden[:, batch["bot"]:batch["bot"] + n]
+            valid = torch.arange(n, device=hidden.device) < batch["thoughts"][:, None]
+            loss = with_orthogonality(loss, metrics, thoughts, self.config.orthogonality, valid)
+        return StepOutput(loss, metrics)
 
     def hidden_states(self, batch: Batch) -> Tensor:
         """Last-layer states of every column of a collated batch, thoughts fed back.
@@ -321,12 +339,9 @@ class Coconut(Method):
 
     # -- inference -------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, examples: list[Example], max_new_tokens: int) -> list[str]:
-        """Greedy completions after `<eot>` (so they start with any steps left, then `###`)."""
-        state, _ = self._think(examples)
-        tokens = greedy_decode(self.backbone, state, max_new_tokens,
-                               self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
-        return decode_completions(self.tokenizer, tokens)
+    def before_answer(self, examples: list[Example]) -> DecodeState:
+        """After `<eot>`: completions start with any steps left, then `###`."""
+        return self._think(examples)[0]
 
     @torch.no_grad()
     def latents(self, examples: list[Example]) -> Tensor:
@@ -341,17 +356,6 @@ class Coconut(Method):
                            "latent stage)", fix="analyse a run trained into a latent stage, or "
                            "set method.thoughts_at_eval")
         return torch.stack(thoughts, dim=1)
-
-    def record_thoughts(self, examples: list[Example],
-                        top_k: int = 5) -> list[list[list[tuple[str, float]]]]:
-        """Per example, per continuous thought `z`, the `top_k` tokens of softmax(z W_lm^T)
-        with their probabilities: what each thought would say as a token (paper, section 5)."""
-        from latentlab.analysis import top_tokens  # analysis imports methods: import late
-
-        if self.eval_thoughts() == 0:
-            return [[] for _ in examples]
-        return top_tokens(self.latents(examples), self.backbone.get_output_embeddings().weight,
-                          self.tokenizer, top_k)
 
     def _think(self, examples: list[Example]) -> tuple[DecodeState, list[Tensor]]:
         """Prefill `question \\n <bot>`, run the thoughts (one cached step each), add `<eot>`.

@@ -41,9 +41,7 @@ if TYPE_CHECKING:
 from latentlab.engine.generation import (
     DecodeState,
     attention_bias,
-    decode_completions,
     extend,
-    greedy_decode,
     left_pad,
     output_cache,
     position_ids,
@@ -51,7 +49,7 @@ from latentlab.engine.generation import (
     with_cache,
 )
 from latentlab.errors import ConfigError
-from latentlab.latents import orthogonality_penalty
+from latentlab.latents import with_orthogonality
 from latentlab.methods.base import (
     IGNORE,
     Batch,
@@ -233,22 +231,16 @@ class Coprocessor(Method):
         state, n_head = self.inject(state, latents, batch["prompt_ids"], batch["target_ids"])
         loss, metrics = part_lm_loss(self.backbone, state.hidden, batch, offset=n_head - 1)
         metrics["lm_loss"] = loss.detach()
-        if self.config.orthogonality:
-            penalty = orthogonality_penalty(latents)
-            loss = loss + self.config.orthogonality * penalty
-            metrics["orthogonality"] = penalty.detach()
-        return StepOutput(loss, metrics)
+        return StepOutput(with_orthogonality(loss, metrics, latents, self.config.orthogonality),
+                          metrics)
 
     # -- text pretraining (paper B) ------------------------------------------------------------
     def pretrain_forward(self, batch: Batch) -> StepOutput:
         nll, latents = self.ahead_nll(batch["text_ids"], batch["points"])
         loss = nll.mean()
         metrics = {"lm_loss": loss.detach()}
-        if self.config.orthogonality:
-            penalty = orthogonality_penalty(latents.flatten(0, 1))
-            loss = loss + self.config.orthogonality * penalty
-            metrics["orthogonality"] = penalty.detach()
-        return StepOutput(loss, metrics)
+        return StepOutput(with_orthogonality(loss, metrics, latents.flatten(0, 1),
+                                             self.config.orthogonality), metrics)
 
     def text_nll(self, batch: Batch) -> dict[str, Tensor]:
         """NLL of the k-th token after the latents [B, M, N_A], and the Base's own NLL of the
@@ -370,32 +362,19 @@ class Coprocessor(Method):
 
     # -- inference -------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, examples: list[Example], max_new_tokens: int) -> list[str]:
-        """The Coprocessor runs once at the end of the prompt; then KV-cached decoding."""
+    def before_answer(self, examples: list[Example]) -> DecodeState:
+        """The Coprocessor runs once at the end of the prompt; its latents are injected."""
         ids, mask = left_pad([self.prompt_ids(e) for e in examples],
                              self.tokenizer.pad_token_id, self.device)
         state, latents = self.augment(self.read_prompt(ids, mask))
-        state, _ = self.inject(state, latents, ids)
-        tokens = greedy_decode(self.backbone, state, max_new_tokens,
-                               self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
-        return decode_completions(self.tokenizer, tokens)
+        return self.inject(state, latents, ids)[0]
 
     @torch.no_grad()
-    def latents(self, examples: list[Example], all_layers: bool = False) -> Tensor:
-        """The latents `Z` per example and slot: [n, N_L, d] (last Coprocessor layer), or
-        [n, layers + 1, N_L, d] with every layer of the Coprocessor at the latent positions."""
+    def latents(self, examples: list[Example]) -> Tensor:
+        """The latents `Z` per example and slot: [n, N_L, d] (the Coprocessor's last layer)."""
         ids, mask = left_pad([self.prompt_ids(e) for e in examples],
                              self.tokenizer.pad_token_id, self.device)
-        state = self.read_prompt(ids, mask)
-        if not all_layers:
-            return self.augment(state)[1]
-        n = self.config.latent_budget
-        full = torch.cat([mask, mask.new_ones((mask.shape[0], n))], 1)
-        out = self.coprocessor.base_model(
-            inputs_embeds=self.soft_tokens.unsqueeze(0).expand(mask.shape[0], -1, -1),
-            attention_mask=full, position_ids=(full.cumsum(-1) - 1)[:, -n:],
-            **with_cache(self.coprocessor.base_model, state.cache), output_hidden_states=True)
-        return torch.stack(out.hidden_states, dim=1)
+        return self.augment(self.read_prompt(ids, mask))[1]
 
 
 class Liu(Coprocessor):

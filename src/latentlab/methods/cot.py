@@ -33,8 +33,6 @@ class CoTConfig(MethodConfig):
         "papers' loss on steps and answer only; `true` reads as 1). Question text is mostly "
         "random facts whose loss cannot fall far, so with weight 1 it dominates what is logged; "
         "the per-part losses (loss_question, loss_steps, loss_answer) show each")
-
-
     packing: bool = Field(
         False, description="pack each batch's examples into as few rows as its longest "
         "example allows (first fit, longest first), each with its own positions and attention "

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from latentlab.engine.generation import left_pad
-from latentlab.latents import orthogonality_penalty
+from latentlab.latents import with_orthogonality
 from latentlab.methods.base import (
     Batch,
     Features,
@@ -69,10 +69,8 @@ class Pause(Method):
         hidden = right_padded_states(self.backbone, self.embed(ids))
         loss, metrics = part_lm_loss(self.backbone, hidden, batch)
         metrics["lm_loss"] = loss.detach()
-        if self.config.orthogonality:
-            penalty = orthogonality_penalty(self.slot_states(ids, hidden))
-            loss = loss + self.config.orthogonality * penalty
-            metrics["orthogonality"] = penalty.detach()
+        loss = with_orthogonality(loss, metrics, self.slot_states(ids, hidden),
+                                  self.config.orthogonality)
         return StepOutput(loss, metrics)
 
     def slot_states(self, ids: Tensor, hidden: Tensor) -> Tensor:
@@ -80,18 +78,14 @@ class Pause(Method):
         return hidden[ids == self.slot_id].view(ids.shape[0], self.config.latent_budget, -1)
 
     @torch.no_grad()
-    def latents(self, examples: list[Example], all_layers: bool = False) -> Tensor:
-        """The latents `Z` of each example: [n, N_L, d], or [n, layers + 1, N_L, d]."""
+    def latents(self, examples: list[Example]) -> Tensor:
+        """The latents `Z` of each example: [n, N_L, d]."""
         ids, mask = left_pad([self.prompt_ids(e) for e in examples],
                              self.tokenizer.pad_token_id, self.device)
         out = self.backbone.base_model(inputs_embeds=self.embed(ids), attention_mask=mask,
-                                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                                       output_hidden_states=True)
+                                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
         # Left padding puts every row's N_L slots in the last N_L columns.
-        n = self.config.latent_budget
-        if all_layers:
-            return torch.stack([h[:, -n:] for h in out.hidden_states], dim=1)
-        return out.last_hidden_state[:, -n:]
+        return out.last_hidden_state[:, -self.config.latent_budget:]
 
 
 class SoftEmbedding(Pause):

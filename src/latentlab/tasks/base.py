@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal, TextIO
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from latentlab.errors import ConfigError, DataError, PathError, require_file
+from latentlab.paths import resolve_path
 
 Split = Literal["train", "valid", "test"]
 SPLITS: tuple[Split, ...] = ("train", "valid", "test")
@@ -126,6 +127,9 @@ class Task(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[TaskConfig]] = TaskConfig
+    # What the recipes train on it: reasoning examples scored by accuracy, or text windows
+    # scored by perplexity (`latentlab.recipes.RECIPES`).
+    kind: ClassVar[Literal["reasoning", "text"]] = "reasoning"
 
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
@@ -198,20 +202,16 @@ class Task(ABC):
     def score(self, prediction: str, example: Example) -> bool:
         """Whether a predicted answer (the text after the answer marker) is correct."""
 
+    def solutions(self, example: Example) -> list[tuple[str, ...]] | None:
+        """Every distinct correct step list of an example (each as the CoT writes it), for
+        metrics over solution paths (Latent-SFT's N_eff); None where the task has no
+        enumerator."""
+        return None
+
     def step_metrics(self, steps: list[str], example: Example) -> dict[str, float]:
         """Numbers about a model's generated reasoning steps (one string per line), averaged
         over the examples that generated any; none by default."""
         return {}
-
-
-def resolve_path(path: str | os.PathLike[str]) -> Path:
-    """Expand `~` and `$VARS`; `$LATENTLAB_SHARED` defaults to `../shared` (the reference data)."""
-    env = dict(os.environ)
-    env.setdefault("LATENTLAB_SHARED", str(Path("..", "shared").resolve()))
-    text = str(path)
-    for key in sorted(env, key=len, reverse=True):
-        text = text.replace("${" + key + "}", env[key]).replace("$" + key, env[key])
-    return Path(text).expanduser()
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -156,6 +156,20 @@ def _last_move_mixed(a: Number, b: Number, target: int) -> Move | None:
     return None
 
 
+def _children(state: tuple[Number, ...], free: bool
+              ) -> Iterator[tuple[tuple[Number, ...], Move]]:
+    """Every move on two numbers of a sorted state, with the numbers it leaves; a pair of
+    values is tried once (equal numbers give the same moves)."""
+    tried: set[tuple[Number, Number]] = set()
+    for i, j in combinations(range(len(state)), 2):
+        if (state[i], state[j]) in tried:
+            continue
+        tried.add((state[i], state[j]))
+        rest = state[:i] + state[i + 1:j] + state[j + 1:]
+        for move in _moves(state[i], state[j], free):
+            yield rest, move
+
+
 def _search(numbers: Sequence[int], target: int, free: bool) -> list[Move] | None:
     """Depth-first search over pairwise combinations; the first solution found, else None.
 
@@ -167,20 +181,14 @@ def _search(numbers: Sequence[int], target: int, free: bool) -> list[Move] | Non
     def visit(state: tuple[Number, ...]) -> list[Move] | None:  # at least three numbers
         if state in dead:
             return None
-        tried: set[tuple[Number, Number]] = set()
-        for i, j in combinations(range(len(state)), 2):
-            if (state[i], state[j]) in tried:  # equal numbers give the same children
-                continue
-            tried.add((state[i], state[j]))
-            rest = state[:i] + state[i + 1:j] + state[j + 1:]
-            for move in _moves(state[i], state[j], free):
-                if len(rest) == 1:  # two numbers left: no state to build, just compare
-                    last = _last_move(move[3], rest[0], target, free)
-                    found = None if last is None else [last]
-                else:
-                    found = visit(tuple(sorted((*rest, move[3]))))
-                if found is not None:
-                    return [move, *found]
+        for rest, move in _children(state, free):
+            if len(rest) == 1:  # two numbers left: no state to build, just compare
+                last = _last_move(move[3], rest[0], target, free)
+                found = None if last is None else [last]
+            else:
+                found = visit(tuple(sorted((*rest, move[3]))))
+            if found is not None:
+                return [move, *found]
         if len(state) > 3:  # three-number states almost never recur: not worth remembering
             dead.add(state)
         return None
@@ -203,6 +211,26 @@ def _number_text(value: Number) -> str:
 def _step_text(move: Move) -> str:
     left, op, right, result = move
     return f"{_number_text(left)}{op}{_number_text(right)}={_number_text(result)}"
+
+
+def all_solutions(numbers: Sequence[int], target: int, *, allow_fractions: bool = False
+                        ) -> list[tuple[str, ...]]:
+    """Every distinct step list (`a op b=c`, one operation per step, every number used once)
+    that reaches `target`, under the generator's rules (without `allow_fractions`: only
+    non-negative integer intermediates). Orders of independent steps are distinct paths (their
+    text differs); step lists repeated through equal numbers are listed once."""
+    found: set[tuple[str, ...]] = set()
+
+    def visit(pool: tuple[Number, ...], done: tuple[Move, ...]) -> None:
+        if len(pool) == 1:
+            if pool[0] == target:
+                found.add(tuple(_step_text(m) for m in done))
+            return
+        for rest, move in _children(pool, allow_fractions):
+            visit(tuple(sorted((*rest, move[3]))), (*done, move))
+
+    visit(tuple(sorted(Fraction(n) if allow_fractions else n for n in numbers)), ())
+    return sorted(found)
 
 
 def solve(numbers: Sequence[int], target: int, *, allow_fractions: bool = False
@@ -406,3 +434,7 @@ class CountdownTask(Task):
 
     def score(self, prediction: str, example: Example) -> bool:
         return verify(prediction, example.meta["numbers"], example.meta["target"])
+
+    def solutions(self, example: Example) -> list[tuple[str, ...]]:
+        return all_solutions(example.meta["numbers"], example.meta["target"],
+                             allow_fractions=self.config.allow_fractions)

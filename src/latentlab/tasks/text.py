@@ -7,7 +7,8 @@ hash of its first line, so the splits never share a document and every run agree
 read only as far as the split needs (`n_train` / `n_valid` / `n_test` windows of `seq_len`
 tokens), so a large corpus is never loaded whole.
 
-The text task has no answers to score: methods are judged by perplexity (`latentlab.run`).
+The text task has no answers to score: methods are judged by perplexity
+(`latentlab.recipes.pretraining`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import IO, TYPE_CHECKING, Literal
 from pydantic import Field
 
 from latentlab.errors import DataError
-from latentlab.tasks.base import Example, Split, Task, TaskConfig, resolve_path
+from latentlab.paths import resolve_path
+from latentlab.tasks.base import Example, Split, Task, TaskConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -51,6 +53,7 @@ class TextConfig(TaskConfig):
 class TextTask(Task):
     name = "text"
     config_class = TextConfig
+    kind = "text"
     config: TextConfig
 
     def documents(self, split: Split) -> Iterator[str]:

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# One H100 session on generated ProsQA with the GPT-2 small shape from random init, about 20
-# minutes: the issue-2 Bases with the loss on the question too (method.question_loss, in both
-# configs), then, on the same GPU at once,
+# Generated ProsQA with the GPT-2 small shape from random init, about 20 minutes of one H100:
+# the CoT and No-CoT Bases with the loss on the question too (method.question_loss), then, on
+# the same GPU at once,
 #   CoT Base    -> Coconut from stage 1 (stage 0 is the CoT Base), 1 epoch per stage
 #   No-CoT Base -> pause, soft embedding, Liu, H1 and H2 at N_L = 4
 # then the analyses and the report. Each command's wall time (s) and exit status go to
 # OUT/times.tsv.
-#   LATENTLAB_SHARED=/path/to/shared bash experiments/prosqa_session.sh OUT [key=value ...]
+#   LATENTLAB_SHARED=/path/to/shared bash experiments/prosqa_chain.sh OUT [key=value ...]
 # Extra key=value overrides reach every run (a CPU smoke test: model.name=gpt2-tiny ...).
 # BASE_EPOCHS (default 8), METHOD_STEPS (200) and COCONUT_TRAIN (3000 examples) size it:
-# the defaults are what session 2 of 2026-11-23 ran (docs/results.md).
+# the defaults are those of the ProsQA table of docs/results.md.
 set -uo pipefail
-R=${1:?usage: prosqa_session.sh OUT [overrides]}
+R=${1:?usage: prosqa_chain.sh OUT [overrides]}
 shift
 mkdir -p "$R"
 E=${BASE_EPOCHS:-8}

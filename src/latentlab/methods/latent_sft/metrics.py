@@ -7,18 +7,17 @@
   solution paths, each cut into `T` segments (T = latent steps); D: most samples above 1.7.
 - `length_stats`: reasoning length `#L` against CoT length, Pass@1 and Pass@1 / #L;
   `latent_length_report` runs a model over examples to get them.
-- `countdown_solutions` enumerates every distinct correct Countdown solution (the paths of
-  `effective_parallelism`); `solution_paths` tokenises and segments them.
-- `latent_sft_report`: all of the above for a trained run (`latentlab analyze` writes it to
-  `RUN_DIR/analysis/latent_sft.json`); `load_encoder` finds the encoder whose ECR@K it reports.
+- `solution_paths` tokenises and segments a task's correct solutions (`Task.solutions`): the
+  paths of `effective_parallelism`.
+- `report` and `latent_measures`: all of the above for a trained model, as `latentlab analyze`
+  writes them to `RUN_DIR/analysis/latent_sft.json` (through each phase's `analyses`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from fractions import Fraction
-from itertools import combinations, pairwise
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,9 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from latentlab.errors import ConfigError, DataError, LatentlabError, RunError
 from latentlab.methods.base import extract_answer, steps_text
-from latentlab.methods.latent_sft import LatentSFT
-from latentlab.tasks.base import Example, Task, resolve_path
-
-# The generator's own move rules and step format, so that enumerated paths read exactly like
-# the training CoT (`a op b=c`, larger operand first).
-from latentlab.tasks.countdown import Move, Number, _moves, _step_text
+from latentlab.methods.latent_sft.method import LatentSFT
+from latentlab.tasks.base import Example, Task
 
 N_EFF_THRESHOLD = 1.7  # D: "most samples above 1.7" (multi-path reasoning)
 
@@ -100,32 +94,6 @@ def solution_paths(tokenizer: PreTrainedTokenizerBase, solutions: Sequence[Seque
                            parts) for s in solutions]
 
 
-def countdown_solutions(numbers: Sequence[int], target: int, *, allow_fractions: bool = False
-                        ) -> list[tuple[str, ...]]:
-    """Every distinct step list (`a op b=c`, one operation per step, every number used once)
-    that reaches `target`, under the generator's rules (without `allow_fractions`: only
-    non-negative integer intermediates). Orders of independent steps are distinct paths (their
-    text differs); step lists repeated through equal numbers are listed once."""
-    found: set[tuple[str, ...]] = set()
-
-    def visit(pool: tuple[Number, ...], done: tuple[Move, ...]) -> None:
-        if len(pool) == 1:
-            if pool[0] == target:
-                found.add(tuple(_step_text(m) for m in done))
-            return
-        tried: set[tuple[Number, Number]] = set()
-        for i, j in combinations(range(len(pool)), 2):
-            if (pool[i], pool[j]) in tried:  # equal numbers give the same moves
-                continue
-            tried.add((pool[i], pool[j]))
-            rest = pool[:i] + pool[i + 1:j] + pool[j + 1:]
-            for move in _moves(pool[i], pool[j], allow_fractions):
-                visit(tuple(sorted((*rest, move[3]))), (*done, move))
-
-    visit(tuple(sorted(Fraction(n) if allow_fractions else n for n in numbers)), ())
-    return sorted(found)
-
-
 def length_stats(latent_steps: Sequence[int], cot_lengths: Sequence[int],
                  correct: Sequence[bool]) -> dict[str, float | None]:
     """Reasoning length against CoT length and accuracy (D, Table 2): mean `#L`, mean CoT
@@ -148,7 +116,7 @@ def length_stats(latent_steps: Sequence[int], cot_lengths: Sequence[int],
             "pass@1_per_latent": pass_at_1 / mean_steps if mean_steps else None}
 
 
-def _batches(examples: Sequence[Example], size: int) -> list[list[Example]]:
+def batches(examples: Sequence[Example], size: int) -> list[list[Example]]:
     return [list(examples[s:s + size]) for s in range(0, len(examples), size)]
 
 
@@ -161,7 +129,7 @@ def latent_length_report(method: LatentSFT, task: Task, examples: Sequence[Examp
     was_training = method.training
     method.eval()
     rows: list[dict[str, Any]] = []
-    for batch in _batches(examples, batch_size):
+    for batch in batches(examples, batch_size):
         completions, steps = method.generate_with_steps(batch, max_new_tokens)
         for example, completion, n in zip(batch, completions, steps, strict=True):
             answer = extract_answer(completion)
@@ -173,65 +141,18 @@ def latent_length_report(method: LatentSFT, task: Task, examples: Sequence[Examp
     return stats, rows
 
 
-def load_encoder(method: LatentSFT, run_dir: Path) -> tuple[LatentSFT, Path]:
-    """The Latent Token Encoder of a latent_sft run and the run it comes from: the run's own
-    model in phase encoder, the run `method.encoder_from` names in phase latent (a relative
-    path is read from the current directory, as in training). Raises `RunError` naming the
-    path and the fix when it cannot be loaded."""
-    if method.config.phase == "encoder":
-        source, encoder = run_dir, method
-    else:
-        from latentlab.run import load_run  # run imports the methods: import late
-
-        source = resolve_path(str(method.config.encoder_from))
-        where = f"the encoder run {source} (method.encoder_from of {run_dir})"
-        fix = (f"restore the phase-encoder run at {source}, or set method.encoder_from in "
-               f"{run_dir / 'config.yaml'} to where it is now")
-        try:
-            loaded, _ = load_run(source, method.device)
-        except LatentlabError as err:
-            raise RunError(f"{where} cannot be loaded: {err.problem}", fix=fix) from err
-        if not isinstance(loaded, LatentSFT) or loaded.config.phase != "encoder":
-            raise RunError(f"{where} is not a latent_sft phase-encoder run", fix=fix)
-        encoder = loaded
-    # Without it `load_run` would keep the encoder as built: a copy of the decoder.
-    if not (source / "best" / "method.safetensors").is_file():
-        raise RunError(f"{source / 'best'} has no method.safetensors (the encoder's weights)",
-                       fix=f"train the phase-encoder run {source} again")
-    return encoder, source
-
 
 @torch.no_grad()
-def encoder_ecr(encoder: LatentSFT, examples: Sequence[Example], k: int = 50,
-                batch_size: int = 64) -> float:
-    """ECR@K of a phase-encoder model over `examples`: each latent's K most likely tokens by
-    the encoder's readout logits over the whole vocabulary (not only α's `top_k` support)
-    against the chunk it summarises."""
-    vocab = encoder.backbone.get_input_embeddings().num_embeddings
-    if not 1 <= k <= vocab:
-        raise ConfigError(f"ECR@K needs 1 <= K <= the vocabulary size ({vocab}), got K = {k}",
-                        fix=f"give --ecr-k between 1 and {vocab}")
-    indices = [i for batch in _batches(examples, batch_size)
-               for i, _ in encoder.encoder_alphas(batch, k)]
-    chunks = [encoder.chunks(e) for e in examples]
-    if not any(chunks):
-        raise DataError("no example has CoT steps, so there is no chunk to compress",
-                        fix="analyse a split whose examples have steps")
-    return ecr_at_k(indices, chunks, k)
-
-
-@torch.no_grad()
-def countdown_n_eff(method: LatentSFT, examples: Sequence[Example], batch_size: int = 64,
-                    allow_fractions: bool = False) -> list[dict[str, Any]]:
-    """Per Countdown example: its number of distinct correct solutions, its `#L` and `N_eff`
-    (None unless it has at least 2 solutions and at least 1 latent step). `q_t` are the
+def n_eff_rows(method: LatentSFT, task: Task, examples: Sequence[Example],
+               batch_size: int = 64) -> list[dict[str, Any]]:
+    """Per example: its number of distinct correct solutions (`Task.solutions`), its `#L` and
+    `N_eff` (None unless it has at least 2 solutions and at least 1 latent step). `q_t` are the
     distributions the model superposes at inference (`latent_distributions`)."""
     rows: list[dict[str, Any]] = []
-    for batch in _batches(examples, batch_size):
+    for batch in batches(examples, batch_size):
         # One batch of dense [#L, V] distributions at a time: all of them could fill the GPU.
         for example, q in zip(batch, method.latent_distributions(batch), strict=True):
-            solutions = countdown_solutions(example.meta["numbers"], example.meta["target"],
-                                            allow_fractions=allow_fractions)
+            solutions = task.solutions(example) or []
             steps = int(q.shape[0])
             n_eff = None
             if len(solutions) >= 2 and steps >= 1:
@@ -241,41 +162,36 @@ def countdown_n_eff(method: LatentSFT, examples: Sequence[Example], batch_size: 
     return rows
 
 
-def latent_sft_report(method: LatentSFT, task: Task, examples: Sequence[Example], run_dir: Path,
-                      k: int = 50, batch_size: int = 64, max_new_tokens: int = 128
-                      ) -> dict[str, Any]:
-    """Latent-SFT's metrics for the run in `run_dir` (whose model is `method`) on `examples`:
-    ECR@K of its encoder (`load_encoder`); for phase latent also `latent_length_report` and,
-    on Countdown, `N_eff` (`countdown_n_eff`). docs/methods/latent_sft.md lists the keys."""
+def report(method: LatentSFT, encoder_run: Path, k: int, ecr: float) -> dict[str, Any]:
+    """The keys of `analysis/latent_sft.json` (docs/methods/latent_sft.md), with ECR@K filled
+    in; `latent_measures` fills the rest for a phase-latent model."""
     cfg = method.config
-    encoder, source = load_encoder(method, run_dir)
-    ecr = encoder_ecr(encoder, examples, k, batch_size)
-    del encoder  # a phase-latent run's encoder is a second model: free it before generating
-    report: dict[str, Any] = {
-        "phase": cfg.phase, "encoder_run": str(source), "chunk_size": cfg.chunk_size,
-        "k": k, "ecr_at_k": ecr, "length": None, "n_eff_mean": None,
-        "n_eff_share_above": None, "n_eff_threshold": N_EFF_THRESHOLD, "n_eff_examples": None,
-        "multi_solution_examples": None, "n_eff_note": "", "per_example": None}
-    if cfg.phase == "encoder":
-        report["n_eff_note"] = ("N_eff and the length statistics need a phase-latent run: "
-                                "this encoder run's decoder was not trained to produce latents")
-        return report
+    return {"phase": cfg.phase, "encoder_run": str(encoder_run), "chunk_size": cfg.chunk_size,
+            "k": k, "ecr_at_k": ecr, "length": None, "n_eff_mean": None,
+            "n_eff_share_above": None, "n_eff_threshold": N_EFF_THRESHOLD,
+            "n_eff_examples": None, "multi_solution_examples": None, "n_eff_note": "",
+            "per_example": None, "summary": f"ECR@{k} {ecr:.3f}"}
 
+
+def latent_measures(method: LatentSFT, task: Task, examples: Sequence[Example],
+                    out: dict[str, Any], batch_size: int = 64, max_new_tokens: int = 128
+                    ) -> dict[str, Any]:
+    """`out` (a `report`) with a phase-latent model's `latent_length_report` and, where the
+    task enumerates solutions (`Task.solutions`), its `N_eff`."""
     stats, rows = latent_length_report(method, task, examples, batch_size, max_new_tokens)
-    report["length"] = stats
+    out["length"] = stats
     per_example = [{key: r[key] for key in ("latent_steps", "cot_tokens", "correct")}
                    for r in rows]
-    if task.config.name != "countdown":
-        report["n_eff_note"] = (f"task {task.config.name} has no solution enumerator yet: N_eff "
-                                "needs each problem's distinct correct solutions")
-    elif cfg.latent_space == "hidden":
-        report["n_eff_note"] = ("hidden-state latents are no distributions over the "
-                                "vocabulary: N_eff is not defined for them")
+    if examples and task.solutions(examples[0]) is None:
+        out["n_eff_note"] = (f"task {task.config.name} has no solution enumerator yet: N_eff "
+                             "needs each problem's distinct correct solutions")
+    elif method.config.latent_space == "hidden":
+        out["n_eff_note"] = ("hidden-state latents are no distributions over the vocabulary: "
+                             "N_eff is not defined for them")
     else:
-        allow = bool(getattr(task.config, "allow_fractions", False))
-        paths = countdown_n_eff(method, examples, batch_size, allow)
+        paths = n_eff_rows(method, task, examples, batch_size)
         values = [p["n_eff"] for p in paths if p["n_eff"] is not None]
-        report.update(
+        out.update(
             n_eff_examples=len(values),
             multi_solution_examples=sum(p["solutions"] >= 2 for p in paths),
             n_eff_mean=sum(values) / len(values) if values else None,
@@ -286,5 +202,7 @@ def latent_sft_report(method: LatentSFT, task: Task, examples: Sequence[Example]
                        "at latent step t")
         for row, p in zip(per_example, paths, strict=True):
             row.update(solutions=p["solutions"], n_eff=p["n_eff"])
-    report["per_example"] = per_example
-    return report
+        if out["n_eff_mean"] is not None:
+            out["summary"] += f", mean N_eff {out['n_eff_mean']:.3f}"
+    out["per_example"] = per_example
+    return out

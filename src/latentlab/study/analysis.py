@@ -6,10 +6,10 @@
   the slots share one subspace.
 - `top_tokens`: project latents onto the vocabulary and list the most likely tokens.
 - `plot_heatmap`: `H` as an annotated heatmap.
-- `analyze_run`: all of the above for a trained run, written to `RUN_DIR/analysis/`; for a
-  Latent-SFT run also its own metrics (`latent_metrics.latent_sft_report`).
+- `analyze_run`: all of the above for a trained run, written to `RUN_DIR/analysis/`, plus the
+  method's own analyses (`Method.analyses`, e.g. Latent-SFT's ECR@K and N_eff).
 
-Works for any method with `latents(examples, all_layers=False) -> [n, N_L, d]`; docs/analysis.md
+Works for any method with latents (`Method.latents(examples) -> [n, N_L, d]`); docs/analysis.md
 gives the definitions and the choices made where paper A is silent.
 """
 
@@ -20,23 +20,21 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from pydantic import BaseModel, ValidationError
 from sklearn.metrics import silhouette_score
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from latentlab.config import load_config
 from latentlab.engine.checkpoint import atomic_write_text
 from latentlab.errors import ConfigError, DataError, RunError
-from latentlab.latent_metrics import latent_sft_report
 from latentlab.methods import METHODS
-from latentlab.methods.latent_sft import LatentSFT
-from latentlab.run import CONFIG_FILE, load_run
+from latentlab.recipes import RunDir, load_run
 from latentlab.tasks import build_task
 from latentlab.tasks.base import Example, Split
 
@@ -49,12 +47,6 @@ _VARIANCE_SLACK = 1e-9
 _CONSTANT_SLOT = 1e-20
 
 TokenScores = list[tuple[str, float]]
-
-
-class HasLatents(Protocol):
-    """What a method offers the analyses (pause, soft, the Coprocessor methods, Coconut)."""
-
-    def latents(self, examples: list[Example], all_layers: bool = False) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -192,16 +184,17 @@ def plot_heatmap(H: Sequence[Sequence[float]], path: Path, title: str) -> Figure
 def analyze_run(run_dir: Path, split: Split = "valid", n: int = 500, k: int = 5,
                 readout: Literal["lm_head", "embeddings"] = "lm_head",
                 variance: float = 0.9, max_components: int | None = None,
-                ecr_k: int = 50) -> dict[str, Any]:
+                options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Capture matrix and latent tokens of a finished run's best model on the first `n`
     examples of `split`; writes `capture.json`, `capture.png` and `latent_tokens.md` into
     `run_dir/analysis/` and returns the summary (what `capture.json` holds, plus `files`).
-    A `latent_sft` run also gets `latent_sft.json` (ECR@`ecr_k`, `#L`, Pass@1, N_eff), whose
-    numbers (without the per-example rows) the summary holds under `latent_sft`."""
+    A method with analyses of its own (`Method.analyses`, e.g. Latent-SFT's ECR@K, #L and
+    N_eff; `options` are theirs) also writes `NAME.json` for each, whose numbers (without the
+    per-example rows) the summary holds under `NAME`."""
     if n < 2:  # checked first: the split's size is not the problem
         raise ConfigError(f"n is {n}: the capture matrix compares at least 2 examples",
                           fix="analyse 2 examples or more")
-    _require_latents(run_dir)
+    checked = _check_method(run_dir, options or {})
     method, config = load_run(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
     task = build_task(config.task)
     examples = task.load(split)[:n]
@@ -211,16 +204,15 @@ def analyze_run(run_dir: Path, split: Split = "valid", n: int = 500, k: int = 5,
     out = run_dir / "analysis"
     out.mkdir(exist_ok=True)
     size = config.eval.batch_size
-    latent_sft = None
-    if isinstance(method, LatentSFT):  # first: a missing encoder run stops it before the rest
-        latent_sft = {"run_dir": str(run_dir), "task": config.task.name,
-                      "method": config.method.name, "split": split, "n": len(examples)}
-        latent_sft |= latent_sft_report(method, task, examples, run_dir, ecr_k, size,
-                                        config.eval.max_new_tokens)
-        atomic_write_text(out / "latent_sft.json", json.dumps(latent_sft, indent=1))
+    about = {"run_dir": str(run_dir), "task": config.task.name, "method": config.method.name,
+             "split": split, "n": len(examples)}
+    # First: a method's own analyses may need other runs, whose absence stops the rest.
+    own = {name: {**about, **values} for name, values in method.analyses(
+        task, examples, run_dir, checked, size, config.eval.max_new_tokens).items()}
+    for name, values in own.items():
+        atomic_write_text(out / f"{name}.json", json.dumps(values, indent=1))
 
-    source = cast(HasLatents, method)  # _require_latents checked the method's class
-    latents = torch.cat([source.latents(examples[s:s + size]).float().cpu()
+    latents = torch.cat([method.latents(examples[s:s + size]).float().cpu()
                          for s in range(0, len(examples), size)])
     # Variable-length latents (Latent-SFT) are zero after each example's #L: keep the leading
     # slots every example uses (a slot that never varies has no subspace).
@@ -229,10 +221,8 @@ def analyze_run(run_dir: Path, split: Split = "valid", n: int = 500, k: int = 5,
         raise DataError("an example used no latent step", fix="analyse a longer-trained run")
     capture = capture_matrix(latents[:, :width], variance, max_components)
 
-    summary: dict[str, Any] = {
-        "run_dir": str(run_dir), "task": config.task.name, "method": config.method.name,
-        "split": split, "n": len(examples), "latent_budget": latents.shape[1],
-        "dim": latents.shape[2], **asdict(capture)}
+    summary: dict[str, Any] = {**about, "latent_budget": latents.shape[1],
+                               "dim": latents.shape[2], **asdict(capture)}
     atomic_write_text(out / "capture.json", json.dumps(summary, indent=1))
     h_off = "one slot" if capture.h_off is None else f"$H_{{off}}$ = {capture.h_off:.3f}"
     plot_heatmap(capture.H, out / "capture.png",
@@ -251,23 +241,46 @@ def analyze_run(run_dir: Path, split: Split = "valid", n: int = 500, k: int = 5,
     atomic_write_text(out / "latent_tokens.md", _tokens_markdown(title, shown, tokens, readout))
     files = [str(out / name) for name in ("capture.json", "capture.png", "latent_tokens.md")]
     result = {**summary, "readout": readout, "files": files}
-    if latent_sft is not None:
-        result["latent_sft"] = {key: v for key, v in latent_sft.items() if key != "per_example"}
-        files.append(str(out / "latent_sft.json"))
+    for name, values in own.items():
+        result[name] = {key: v for key, v in values.items() if key != "per_example"}
+        files.append(str(out / f"{name}.json"))
     return result
 
 
-def _require_latents(run_dir: Path) -> None:
-    """Refuse a method without latents before loading its weights."""
-    config_file = run_dir / CONFIG_FILE
-    if not config_file.is_file():
-        return  # load_run names this problem and its fix
-    name = load_config(config_file).method.name
-    if not hasattr(METHODS[name], "latents"):
-        able = [m for m, cls in METHODS.items() if hasattr(cls, "latents")]
+def _check_method(run_dir: Path, options: dict[str, Any]) -> BaseModel | None:
+    """Before loading any weights: refuse a method without latents, and check the options of
+    the method's own analyses (`Method.analysis_options`)."""
+    run = RunDir(run_dir)
+    if not run.is_run():
+        if options:
+            raise ConfigError(f"--option {next(iter(options))} given, but {run_dir} holds no "
+                              "run to read its analysis options from",
+                              fix="give the directory a `latentlab train` run wrote")
+        return None  # load_run names this problem and its fix
+    method = run.config().method
+    cls = METHODS[method.name].implementation(method)
+    if not cls.has_latents():
+        able = [m for m, c in METHODS.items() if c.has_latents()]
         choices = f"{', '.join(able[:-1])} or {able[-1]}" if len(able) > 1 else able[0]
-        raise RunError(f"method {name} has no latents to analyse",
+        raise RunError(f"method {method.name} has no latents to analyse",
                        fix=f"analyse a run of {choices}")
+    if cls.analysis_options is None:
+        if options:
+            raise ConfigError(f"--option {next(iter(options))}: method {method.name} has no "
+                              "analysis options", fix="drop --option")
+        return None
+    try:
+        return cls.analysis_options.model_validate(options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = ".".join(str(p) for p in err["loc"])
+        known = ", ".join(cls.analysis_options.model_fields)
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"--option {name} is not an analysis option of method "
+                              f"{method.name}", fix=f"use one of {known}") from None
+        raise ConfigError(f"--option {name}={err.get('input')!r} is invalid for method "
+                          f"{method.name}: {err['msg']}",
+                          fix=f"give its analysis options ({known}) valid values") from None
 
 
 def _tokens_markdown(title: str, examples: list[Example], tokens: list[list[TokenScores]],

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# One H100 session's runs for issues 2-6, about 15 minutes: the benchmarks alone first (clean
-# timings), then three chains sharing the GPU:
+# Every pipeline at a reduced budget, about 15 minutes of one H100: the benchmarks alone first
+# (clean timings), then three chains sharing the GPU:
 #   ProsQA:    CoT (1,500 steps) -> Coconut through all 6 stages (1 epoch each, 8,000 examples)
 #   Countdown: CoT (1,500 steps) -> Latent-SFT encoder (1+1+2 epochs) -> latent LM (3 epochs)
 #   sweep:     configs/sweeps/methods_nl4.yaml (No-CoT Bases, then pause/soft/Liu/H1/H2 at N_L=4)
 # then the analyses and the report. Each command's wall time (s) and exit status go to OUT/times.tsv.
-#   LATENTLAB_SHARED=/path/to/shared bash experiments/gpu_session.sh OUT [key=value ...]
+#   LATENTLAB_SHARED=/path/to/shared bash experiments/budget_chain.sh OUT [key=value ...]
 # Extra key=value overrides reach every run (a CPU smoke test: model.name=gpt2-tiny ...).
 set -uo pipefail
-R=${1:?usage: gpu_session.sh OUT [overrides]}
+R=${1:?usage: budget_chain.sh OUT [overrides]}
 shift
 mkdir -p "$R"
 source "$(dirname "$0")/timed.sh"

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Issue 5's GPU pipeline alone (about 10 minutes on an H100): on generated Countdown (4
+# Latent-SFT's pipeline alone (about 10 minutes of one H100): on generated Countdown (4
 # operands) with the GPT-2 small preset,
 #   CoT Base (1,500 steps) -> Latent-SFT stage 1, encoder (1+1+2 epochs)
 #                          -> stage 2, latent LM (3 epochs, soft labels from that encoder)
 # then `latentlab analyze` on 300 test examples (#L against CoT length, ECR@50, N_eff, the
 # decoded latents). Each command's wall time (s) and exit status go to OUT/times.tsv.
-#   LATENTLAB_SHARED=/path/to/shared bash experiments/latent_sft_session.sh OUT [key=value ...]
+#   LATENTLAB_SHARED=/path/to/shared bash experiments/latent_sft_chain.sh OUT [key=value ...]
 # Extra key=value overrides reach every run (a CPU smoke test: model.name=gpt2-tiny ...).
 set -uo pipefail
-R=${1:?usage: latent_sft_session.sh OUT [overrides]}
+R=${1:?usage: latent_sft_chain.sh OUT [overrides]}
 shift
 mkdir -p "$R"
 source "$(dirname "$0")/timed.sh"

@@ -38,16 +38,14 @@ from matplotlib.ticker import PercentFormatter
 from latentlab.config import flatten_dotted
 from latentlab.engine.checkpoint import atomic_write_text
 from latentlab.errors import DataError, RunError
-from latentlab.sweep import is_finished
+from latentlab.recipes.run_dir import CONFIG_FILE, RESULTS_FILE, RESUMABLE_CHANGES, RunDir
+from latentlab.recipes.run_dir import find_runs as runs_below
 
 Split = Literal["valid", "test"]
-CONFIG_FILE = "config.yaml"
-RESULTS_FILE = "results.json"
-# Config keys that never make runs different experiments: where a run lives, its seed, how it
-# was stopped or scored (and, see `_ignored`, the runs it started from).
-IGNORED_KEYS = frozenset({"out_dir", "train.seed", "train.stop_after", "train.on_nonfinite",
-                          "train.max_skipped_steps", "model.compile", "train.cuda_graphs",
-                          "train.data_workers", "eval.splits", "eval.batch_size"})
+# Config keys that never make runs different experiments: what a resume may change (where a
+# run lives, how it was stopped, run or logged), its seed, how it was scored (and, see
+# `_ignored`, the runs it started from).
+IGNORED_KEYS = RESUMABLE_CHANGES | {"train.seed", "eval.splits", "eval.batch_size"}
 # Keys every figure reads by name; the other keys that vary across runs form a group's variant.
 AXIS_KEYS = frozenset({"task.name", "task.operands", "method.name", "method.latent_budget"})
 TITLE_WIDTH = 45  # characters per line of a panel title (long variants wrap)
@@ -75,6 +73,13 @@ class Run:
     def get(self, key: str) -> Any:
         return self.config.get(key)
 
+    @property
+    def latent_budget(self) -> int | None:
+        """N_L as the method declared it (`Method.latent_budget`, in results.json); runs
+        written before it was recorded: their `method.latent_budget` option."""
+        budget = self.results.get("latent_budget", self.get("method.latent_budget"))
+        return budget if isinstance(budget, int) else None
+
     def score(self, split: str, metric: str) -> float | None:
         value = (self.results.get(split) or {}).get(metric)
         return float(value) if isinstance(value, int | float) else None
@@ -84,25 +89,15 @@ def find_runs(paths: Iterable[Path]) -> list[Path]:
     """Run directories (`config.yaml` beside `results.json`) given directly or found below a
     given directory, each once, in path order."""
     paths = list(paths)  # read twice: the error below names them
-    found: dict[Path, None] = {}
-    for path in paths:
-        if _is_run(path):
-            found[path] = None
-        elif path.is_dir():
-            for results in sorted(path.rglob(RESULTS_FILE)):
-                if _is_run(results.parent):
-                    found[results.parent] = None
-        else:
-            raise RunError(f"{path} does not exist", "give run directories or a sweep's out_dir")
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise RunError(f"{missing[0]} does not exist", "give run directories or a sweep's out_dir")
+    found = [run.path for run in runs_below(paths)]
     if not found:
         raise RunError(f"no run with {CONFIG_FILE} and {RESULTS_FILE} in or below "
                        f"{', '.join(str(p) for p in paths)}",
                        "give the directories of finished runs, or a sweep's out_dir")
-    return list(found)
-
-
-def _is_run(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() and (path / RESULTS_FILE).is_file()
+    return found
 
 
 def read_run(run_dir: Path) -> Run:
@@ -187,7 +182,7 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     """Runs grouped by their config without the ignored keys. A group's variant holds the keys
     (besides task, operands, method and `N_L`) whose value differs among the runs of its task
     and method: what tells apart two lines of the same method, e.g. `orthogonality` in a λ
-    sweep, but not the options every run of a method shares (H1's `injection=kv`)."""
+    sweep, but not the options every run of a method shares (a variant's fixed choices)."""
     values: dict[tuple[str, str, str], set[str]] = {}
     for run in runs:
         for key, value in run.config.items():
@@ -202,8 +197,8 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
         identity = {k: v for k, v in run.config.items() if not _ignored(k)}
         key = json.dumps(identity, sort_keys=True, default=str)
         if key not in groups:
-            groups[key] = Group(task, run.get("task.operands"), method,
-                                run.get("method.latent_budget"), variant, [])
+            groups[key] = Group(task, run.get("task.operands"), method, run.latent_budget,
+                                variant, [])
         groups[key].runs.append(run)
     for group in groups.values():
         group.runs.sort(key=lambda r: (r.get("train.seed") or 0, str(r.run_dir)))
@@ -486,7 +481,7 @@ def build_report(paths: Sequence[str | Path], out: str | Path, split: Split = "t
         except DataError as err:
             skipped.append(err.problem)
             continue
-        if not is_finished(run_dir):
+        if not RunDir(run_dir).is_finished():
             skipped.append(f"{run_dir}: training not finished (resume it)")
         elif not isinstance(run.results.get(split), dict):
             skipped.append(f"{run_dir}: not scored on the {split} split")

@@ -1,0 +1,298 @@
+"""CODI: continuous chain-of-thought via self-distillation (Shen et al., "CODI: Compressing
+Chain-of-Thought into Continuous Space via Self-Distillation", arXiv 2502.21074; reference code
+github.com/zhenyi4/codi).
+
+One backbone plays two roles in every training step, with shared weights:
+- the **teacher** reads the plain chain of thought `question \\n s_1..s_K ### y <eos>` and learns
+  it (`L_teacher`: cross-entropy on steps and answer, exactly CoT's loss);
+- the **student** reads `question \\n <bot> z_1 .. z_N <eot> ### y <eos>`, where the continuous
+  thought `z_{t+1} = proj(h_t)` is the projected last-layer hidden state of the position before
+  it (`<bot>`'s for `z_1`), and learns the answer (`L_student`: cross-entropy on `### y <eos>`);
+- **self-distillation** pulls the student's hidden states, at every layer, at the token that
+  predicts the answer's first token, towards the teacher's at the same token of its sequence
+  (`L_KD`, the teacher behind a stop-gradient). In the paper that token is the ':' of "The
+  answer is:"; here it is the last token of `answer_text`'s `### ` before the answer's text.
+
+    loss = alpha * L_student + beta * L_teacher + gamma * L_KD  (+ orthogonality * penalty(z))
+
+    L_KD = 1/M * sum_{l=1..M}  mean_{b,k} rho(h^S_{l,b,k} - sg(h^T_{l,b,k})) / std(sg(h^T_l))
+
+`h_l` [B, d] is layer l's output at the distilled token (the backbone's `hidden_states[l]`,
+l = 1..M, M = layers: the embedding output `hidden_states[0]` is left out, as in the paper's
+sum over layers; the reference code also averages it in); `rho` is |x| (`distill_loss: l1`)
+or the smooth L1 (0.5 x^2 if |x| < 1, else |x| - 0.5: `smooth_l1`, the reference's default);
+the mean is over the batch and the d dimensions, and `std` the (unbiased) standard deviation of
+the teacher's B x d values of that layer, both as the reference code computes them (its gamma,
+1 for LLaMA and 20 for GPT-2, is for this scale).
+
+Training runs the teacher in one pass and the student in N+1 passes over one key/value cache
+(`engine.piecewise_cache`, gradients flow through the cached keys and values): the prefix up to
+`<bot>`, one column per thought, then `z_N`, `<eot>` and the answer. Batching rule: rows are
+left-padded so that every row's `<bot>` sits in one column b, so thought t of every row is in
+column b+t (every row has N thoughts), and each pass covers the same columns in all rows
+(Coconut's `collate` does the same; docs/methods/codi.md gives the argument).
+tests/test_codi.py checks the cached student against full recomputation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from latentlab.engine.generation import (
+    DecodeState,
+    extend,
+    left_pad,
+    pad_safe_attention,
+    prefill,
+    with_cache,
+)
+from latentlab.engine.piecewise_cache import piecewise_cache
+from latentlab.latents import with_orthogonality
+from latentlab.methods.base import (
+    ANSWER_MARKER,
+    IGNORE,
+    Batch,
+    Features,
+    Method,
+    MethodConfig,
+    StepOutput,
+    answer_text,
+    label_index,
+    part_fields,
+    part_lm_loss,
+    sequence,
+    steps_text,
+)
+from latentlab.tasks.base import Example
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+BOT, EOT = "<bot>", "<eot>"
+TEACHER, STUDENT = "teacher_", "student_"  # prefixes of each role's entries in features/batches
+
+
+class CODIConfig(MethodConfig):
+    name: Literal["codi"] = "codi"
+    # LatentConfig's names and meanings; not LatentConfig itself, whose keep_steps has no
+    # meaning here (the student never writes steps, the teacher always does).
+    latent_budget: int = Field(6, ge=1, description="N: continuous thoughts z_1..z_N per "
+                               "example, in training and inference (the paper: 6)")
+    orthogonality: float = Field(0.0, ge=0.0, description="λ of the orthogonality penalty "
+                                 "(latentlab.latents) on each example's thoughts z_1..z_N, the "
+                                 "projected vectors fed as inputs (0: off, as in the paper)")
+    projection: bool = Field(True, description="z_{t+1} = proj(h_t) with the paper's projection "
+                             "Linear(d,d) -> GELU -> Linear(d,d) -> LayerNorm(d), trained with "
+                             "the model; false: z_{t+1} = h_t, as Coconut")
+    alpha: float = Field(1.0, ge=0.0, description="α: weight of L_student, the student's "
+                         "cross-entropy on `### answer <eos>` after its thoughts")
+    beta: float = Field(1.0, ge=0.0, description="β: weight of L_teacher, the teacher's CoT "
+                        "cross-entropy on steps and answer")
+    gamma: float = Field(1.0, ge=0.0, description="γ: weight of L_KD, the distillation of the "
+                         "teacher's hidden states at the answer-predicting token into the "
+                         "student's (the paper: 1 for LLaMA-1B, 20 for GPT-2)")
+    distill_loss: Literal["l1", "smooth_l1"] = Field(
+        "smooth_l1", description="ρ of L_KD on each hidden-state entry: |x| (the paper's L1 "
+        "norm) or the smooth L1 (0.5 x^2 below 1, |x| - 0.5 above: the reference code's "
+        "default); either way divided by the teacher's standard deviation per layer")
+
+
+class CODI(Method):
+    name = "codi"
+    config_class = CODIConfig
+    config: CODIConfig
+
+    def __init__(self, config: CODIConfig, backbone: PreTrainedModel,
+                 tokenizer: PreTrainedTokenizerBase) -> None:
+        super().__init__(config, backbone, tokenizer)
+        self.bot_id, self.eot_id = tokenizer.convert_tokens_to_ids([BOT, EOT])
+        d = backbone.get_input_embeddings().embedding_dim
+        # Outside `backbone`: the base class's extra_state_dict saves it in method.safetensors.
+        self.projection: nn.Module = (
+            nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d), nn.LayerNorm(d))
+            if config.projection else nn.Identity())
+
+    @classmethod
+    def special_tokens(cls, config: MethodConfig) -> list[str]:
+        return [BOT, EOT]
+
+    # -- data ------------------------------------------------------------------------------
+    def encode(self, example: Example) -> Features:
+        """Both roles' sequences (`teacher_*`, `student_*`: input_ids, labels, parts, and
+        `distill`, the index of the distilled token) and `bot`, `<bot>`'s index."""
+        prompt = self.prompt_ids(example)
+        steps = self.tokens(steps_text(example.steps))
+        answer = [*self.tokens(answer_text(example)), self.tokenizer.eos_token_id]
+        lead = self.answer_lead(example)
+        n = self.config.latent_budget
+        # The thought columns hold pad ids: placeholders, replaced by z_t before any pass.
+        student_head = [*prompt, self.bot_id, *[self.tokenizer.pad_token_id] * n, self.eot_id]
+        teacher = sequence([(prompt, None), (steps, "steps"), (answer, "answer")])
+        student = sequence([(student_head, None), (answer, "answer")])
+        teacher["distill"] = len(prompt) + len(steps) + lead - 1
+        student["distill"] = len(student_head) + lead - 1
+        return {**{TEACHER + k: v for k, v in teacher.items()},
+                **{STUDENT + k: v for k, v in student.items()}, "bot": len(prompt)}
+
+    def answer_lead(self, example: Example) -> int:
+        """Tokens of `answer_text` before the first one that holds the answer's text: those of
+        `### ` (1 or 2 with the trained tokenizers: '###' then ' yes', or '###', ' ', '3').
+        The token before that first one predicts it: the distilled token."""
+        ids = self.tokens(answer_text(example))
+        marker = ANSWER_MARKER + " "
+        lead = 0
+        while lead < len(ids) and marker.startswith(self.tokenizer.decode(ids[:lead + 1])):
+            lead += 1
+        return lead
+
+    def collate(self, features: list[Features]) -> Batch:
+        """The teacher's rows right-padded (CoT's batch); the student's shifted right so that
+        all `<bot>` tokens share one column (left padding), then right-padded, with an
+        `attention_mask` of the real tokens. Entries carry their role's prefix."""
+        teacher = [{k.removeprefix(TEACHER): v for k, v in f.items() if k.startswith(TEACHER)}
+                   for f in features]
+        width = max(len(f["input_ids"]) for f in teacher)
+        teacher_batch = self.collate_rows(teacher, [[i] for i in range(len(teacher))], width)
+        num_tokens = teacher_batch.pop("num_tokens")
+
+        bot = max(f["bot"] for f in features)
+        shifts = [bot - f["bot"] for f in features]
+        width = max(s + len(f["student_input_ids"]) for s, f in zip(shifts, features,
+                                                                    strict=True))
+        shape = (len(features), width)
+        ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE, dtype=torch.long)
+        parts = torch.zeros(shape, dtype=torch.long)
+        mask = torch.zeros(shape, dtype=torch.long)
+        for row, (s, f) in enumerate(zip(shifts, features, strict=True)):
+            end = s + len(f["student_input_ids"])
+            ids[row, s:end] = torch.tensor(f["student_input_ids"])
+            labels[row, s:end] = torch.tensor(f["student_labels"])
+            parts[row, s:end] = torch.tensor(f["student_parts"])
+            mask[row, s:end] = 1
+        student_batch = {"input_ids": ids, "labels": labels, "attention_mask": mask,
+                         "label_index": label_index(labels), **part_fields(labels, parts)}
+        teacher_batch["distill"] = torch.tensor([f["distill"] for f in teacher])
+        student_batch["distill"] = torch.tensor([s + f["student_distill"]
+                                                 for s, f in zip(shifts, features, strict=True)])
+        return {**{TEACHER + k: v for k, v in teacher_batch.items()},
+                **{STUDENT + k: v for k, v in student_batch.items()},
+                "bot": bot, "left_padded": any(shifts),
+                "num_tokens": num_tokens + int(mask.sum())}  # a step reads both roles' tokens
+
+    # -- training --------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> StepOutput:
+        cfg = self.config
+        teacher, student = role(batch, TEACHER), role(batch, STUDENT)
+        # Right-padded, so no mask: the causal mask alone is exact (see right_padded_states);
+        # every layer's states, for L_KD.
+        out = self.backbone.base_model(inputs_embeds=self.embed(teacher["input_ids"]),
+                                       use_cache=False, output_hidden_states=True)
+        loss_teacher, teacher_metrics = part_lm_loss(self.backbone, out.last_hidden_state,
+                                                     teacher)
+        hidden, tail_layers, thoughts = self.student_states(batch)
+        loss_student, metrics = part_lm_loss(self.backbone, hidden, student)
+        # The distilled token is in the student's last pass, which starts at column bot + N.
+        tail_start = batch["bot"] + cfg.latent_budget
+        loss_kd = self.distillation_loss(out.hidden_states[1:], teacher["distill"],
+                                         tail_layers[1:], student["distill"] - tail_start)
+        loss = cfg.alpha * loss_student + cfg.beta * loss_teacher + cfg.gamma * loss_kd
+        metrics |= {TEACHER + k: v for k, v in teacher_metrics.items()}
+        metrics |= {"loss_student": loss_student.detach(), "loss_teacher": loss_teacher.detach(),
+                    "loss_kd": loss_kd.detach()}
+        loss = with_orthogonality(loss, metrics, thoughts, cfg.orthogonality)
+        return StepOutput(loss, metrics)
+
+    def student_states(self, batch: Batch) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+        """The student's last-layer states at every column [B, T, d], every layer's states
+        (`hidden_states`, embedding output first) at the columns of the last pass, from bot + N
+        on, and the thoughts z_1..z_N [B, N, d].
+
+        Pass 0 covers columns [0, bot]; pass t (1..N-1) the single column bot+t, fed
+        z_t = proj(state of column bot+t-1), the previous pass's last output; the last pass
+        z_N and everything after it. Every column is fed its final input once, after all the
+        columns it attends to: what a causal model with a cache needs to be exact.
+        """
+        ids = batch["student_input_ids"]
+        mask = batch["student_attention_mask"]
+        n, bot, width = self.config.latent_budget, batch["bot"], ids.shape[1]
+        embeds = self.embed(ids)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding starts each row at 0
+        cache = piecewise_cache(self.backbone, width)  # no copy of earlier columns per pass
+        # Only left pads can be queries that see nothing (see generation.padded_attention);
+        # right padding alone is exact under the causal mask and gets none, so SDPA may take
+        # its flash kernel. The collate knows which: no device sync decides it.
+        allowed = (pad_safe_attention(self.backbone, mask, width) if batch["left_padded"]
+                   else None)
+        outputs: list[Tensor] = []
+        thoughts: list[Tensor] = []
+        for t in range(n + 1):
+            start = 0 if t == 0 else bot + t
+            end = width if t == n else bot + t + 1
+            chunk = embeds[:, start:end]
+            if t > 0:
+                thoughts.append(self.projection(outputs[-1][:, -1:]).to(chunk.dtype))
+                chunk = torch.cat([thoughts[-1], chunk[:, 1:]], dim=1)
+            out = self.backbone.base_model(
+                inputs_embeds=chunk,
+                attention_mask=None if allowed is None else allowed[..., start:end, :end],
+                position_ids=positions[:, start:end],
+                **with_cache(self.backbone.base_model, cache), use_cache=True,
+                output_hidden_states=t == n)
+            outputs.append(out.last_hidden_state)
+        return torch.cat(outputs, dim=1), out.hidden_states, torch.cat(thoughts, dim=1)
+
+    def distillation_loss(self, teacher_layers: tuple[Tensor, ...], teacher_index: Tensor,
+                          student_layers: tuple[Tensor, ...], student_index: Tensor) -> Tensor:
+        """L_KD (module docstring) between layers [B, T, d] at one column per row each."""
+        rho = (nn.functional.l1_loss if self.config.distill_loss == "l1"
+               else nn.functional.smooth_l1_loss)  # smooth L1's threshold: 1, the reference's
+        terms = []
+        for teacher, student in zip(teacher_layers, student_layers, strict=True):
+            target = at_columns(teacher, teacher_index).detach().float()  # sg(h^T_l)
+            mean_rho = rho(at_columns(student, student_index).float(), target)  # over B x d
+            terms.append(mean_rho / target.std())
+        return torch.stack(terms).mean()
+
+    # -- inference -------------------------------------------------------------------------
+    @torch.no_grad()
+    def before_answer(self, examples: list[Example]) -> DecodeState:
+        """After `<eot>`: completions are `### answer`, which `extract_answer` reads."""
+        return self._think(examples)[0]
+
+    @torch.no_grad()
+    def latents(self, examples: list[Example]) -> Tensor:
+        """The continuous thoughts z_1..z_N of each example as inference runs them (the
+        projected vectors fed as inputs): [n, N, d], for the analyses."""
+        return torch.cat(self._think(examples)[1], dim=1)
+
+    def _think(self, examples: list[Example]) -> tuple[DecodeState, list[Tensor]]:
+        """Prefill `question \\n <bot>` (left-padded), run the N thoughts (one cached step
+        each), add `<eot>`. Returns the state after `<eot>` and the thoughts ([B, 1, d] each).
+        Every row gets N thoughts, so columns stay aligned with no extra padding."""
+        prompts = [[*self.prompt_ids(e), self.bot_id] for e in examples]
+        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id, self.device)
+        state = prefill(self.backbone, mask, input_ids=ids)
+        ones = torch.ones_like(mask[:, :1])
+        dtype = self.backbone.get_input_embeddings().weight.dtype
+        thoughts: list[Tensor] = []
+        for _ in range(self.config.latent_budget):
+            thoughts.append(self.projection(state.hidden[:, -1:]).to(dtype))
+            state = extend(self.backbone, state, ones, inputs_embeds=thoughts[-1])
+        state = extend(self.backbone, state, ones, input_ids=ones * self.eot_id)
+        return state, thoughts
+
+
+def role(batch: Batch, prefix: str) -> dict[str, Any]:
+    """One role's entries of a collated batch, without their prefix (what `part_lm_loss`
+    reads)."""
+    return {k.removeprefix(prefix): v for k, v in batch.items() if k.startswith(prefix)}
+
+
+def at_columns(states: Tensor, index: Tensor) -> Tensor:
+    """`states[b, index[b]]` for every row b: [B, T, d] -> [B, d], with no host sync."""
+    return states.gather(1, index[:, None, None].expand(-1, 1, states.shape[-1]))[:, 0]

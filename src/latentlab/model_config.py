@@ -1,0 +1,29 @@
+"""The `model` section of a run config: which backbone and tokenizer a run uses (built by
+`latentlab.backbones`). Kept apart from the builders so that reading a config never imports
+the model code of transformers (seconds of start-up before a config error)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from latentlab.engine.config import Section
+
+
+class ModelConfig(Section):
+    name: str = Field("gpt2-tiny", description="a preset (see `latentlab.backbones.PRESETS`), "
+                      "a Hugging Face hub id, or a local model directory")
+    tokenizer: str = Field("auto", description="'auto': trained on the task's training text "
+                           "for presets, the model's own otherwise; 'train'; 'gpt2-bpe' (GPT-2's "
+                           "BPE files from $LATENTLAB_SHARED/data/gpt2_tokenizer); or a hub id/dir")
+    tokenizer_vocab_size: int = Field(1024, ge=300, description="size of a trained tokenizer")
+    init_from: str | None = Field(None, description="start from the best model of an earlier "
+                                  "run directory (e.g. a CoT- or No-CoT-trained Base)")
+    preset_overrides: dict[str, Any] = Field(default_factory=dict, description="architecture "
+                                             "fields changed on a preset, e.g. {n_layer: 4}")
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
+    compile: bool = Field(False, description="torch.compile each Hugging Face model's "
+                          "transformer body (dynamic shapes): fused kernels, a plain GPT-2 "
+                          "small step 1.5x faster on an H100; compiling takes minutes "
+                          "(docs/results.md)")
