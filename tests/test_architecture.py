@@ -88,3 +88,25 @@ def test_study_code_names_no_method() -> None:
             for path in sorted((PACKAGE / "study").rglob("*.py"))
             for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert not hits, hits
+
+
+def test_every_method_counts_every_sequence_it_reads_against_max_length() -> None:
+    # `train.max_length` bounds what the model reads for an example: for each method, every
+    # token sequence of its features (the id lists), whatever the method calls them.
+    from latentlab.backbones import add_special_tokens, build_backbone, train_tokenizer
+    from latentlab.model_config import ModelConfig
+    from latentlab.tasks.base import Example
+
+    example = Example("Numbers: 3 5 7. Target: 22.", ("3*5=15", "15+7=22"), "3*5+7")
+    text = example.question + "\n" + "\n".join(example.steps) + "\n### " + example.answer
+    for name, cls in METHODS.items():
+        options = {"phase": "encoder"} if name == "latent_sft" else {}
+        config = cls.config_class(**options)
+        impl = cls.implementation(config)
+        tokenizer = train_tokenizer([text] * 10, 300)
+        backbone = build_backbone(ModelConfig(name="gpt2-tiny"), tokenizer, seed=0)
+        add_special_tokens(tokenizer, backbone, impl.special_tokens(config))
+        method = impl(config, backbone, tokenizer)
+        features = method.encode(example)
+        sequences = [v for k, v in features.items() if k.endswith("ids") and isinstance(v, list)]
+        assert method.feature_length(features) == sum(map(len, sequences)) > 0, name

@@ -51,11 +51,14 @@ def test_a_too_long_streamed_example_is_replaced_by_the_next_draw() -> None:
     def encode(example: Any) -> dict[str, list[int]]:
         return {"input_ids": list(range(len(example.question)))}
 
-    epoch = StreamedEpoch(task, 0, 40, encode, max_length=limit)
+    def length(features: dict[str, list[int]]) -> int:
+        return len(features["input_ids"])
+
+    epoch = StreamedEpoch(task, 0, 40, encode, length, max_length=limit)
     assert all(len(f["input_ids"]) <= limit for f in epoch)
-    assert epoch[:] == StreamedEpoch(task, 0, 40, encode, max_length=limit)[:]
+    assert epoch[:] == StreamedEpoch(task, 0, 40, encode, length, max_length=limit)[:]
     with pytest.raises(Exception, match="100 streamed examples in a row are longer"):
-        StreamedEpoch(task, 0, 1, encode, max_length=1)[0]
+        StreamedEpoch(task, 0, 1, encode, length, max_length=1)[0]
 
 
 def test_curriculum_phases_change_what_each_epoch_generates() -> None:

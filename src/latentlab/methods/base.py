@@ -136,6 +136,11 @@ class Method(nn.Module, ABC):
     def encode(self, example: Example) -> Features:
         """Training features of one example (plain Python data, no tensors)."""
 
+    def feature_length(self, features: Features) -> int:
+        """Tokens of an encoded example, as `train.max_length` counts them: every sequence the
+        model reads for it (methods whose features hold several override this)."""
+        return len(features["input_ids"])
+
     def collate(self, features: list[Features]) -> Batch:
         """Right-pad `input_ids`/`labels`/`parts` into a batch; `num_tokens` counts real
         tokens, `label_index` locates the labels for the loss, `part_counts` counts them by

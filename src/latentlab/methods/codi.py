@@ -138,6 +138,9 @@ class CODI(Method):
         return {**{TEACHER + k: v for k, v in teacher.items()},
                 **{STUDENT + k: v for k, v in student.items()}, "bot": len(prompt)}
 
+    def feature_length(self, features: Features) -> int:
+        return len(features[TEACHER + "input_ids"]) + len(features[STUDENT + "input_ids"])
+
     def answer_lead(self, example: Example) -> int:
         """Tokens of `answer_text` before the first one that holds the answer's text: those of
         `### ` (1 or 2 with the trained tokenizers: '###' then ' yes', or '###', ' ', '3').

@@ -161,6 +161,11 @@ class Coprocessor(Method):
         return {"text_ids": ids,
                 "points": sorted(rng.sample(range(room), self.config.augmentation_points))}
 
+    def feature_length(self, features: Features) -> int:
+        if "text_ids" in features:  # a pretraining window
+            return len(features["text_ids"])
+        return len(features["prompt_ids"]) + len(features["target_ids"])
+
     def collate(self, features: list[Features]) -> Batch:
         """Prompts left-padded (every augmentation point in the same column), targets
         right-padded after the latents; text windows stacked as they are."""

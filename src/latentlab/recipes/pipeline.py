@@ -41,15 +41,11 @@ class Recipe:
                         Accelerator, Path], dict[str, Any]]
 
 
-def feature_length(features: Features) -> int:
-    """Tokens of an encoded example (all its id sequences), as `train.max_length` counts."""
-    return sum(len(v) for k, v in features.items() if k.endswith("ids"))
-
-
-def fixed_list(items: Sequence[Any], encode: Callable[[Any], Features], max_length: int,
+def fixed_list(items: Sequence[Any], encode: Callable[[Any], Features],
+               length: Callable[[Features], int], max_length: int,
                acc: Accelerator) -> Callable[[int, int], Sequence[Features]]:
     """The engine's `prepare` for a fixed list of examples or windows: encoded once per
-    curriculum stage (encoding may depend on the stage), without those longer than
+    curriculum stage (encoding may depend on the stage), without those whose `length` is over
     `max_length`."""
     cache: dict[int, list[Features]] = {}
 
@@ -57,7 +53,7 @@ def fixed_list(items: Sequence[Any], encode: Callable[[Any], Features], max_leng
         if stage not in cache:
             cache.clear()
             features = [encode(item) for item in items]
-            kept = [f for f in features if feature_length(f) <= max_length]
+            kept = [f for f in features if length(f) <= max_length]
             if not kept:
                 raise DataError(f"every training example is longer than train.max_length="
                                 f"{max_length} tokens", fix="raise train.max_length")

@@ -37,7 +37,8 @@ def pipeline(config: RunConfig, task: Task, run_dir: Path, acc: Accelerator) -> 
     return Pipeline(
         method, len(train_data), f"{len(train_data):,} train / {len(valid_data):,} valid "
         "windows",
-        prepare=fixed_list(train_data, method.encode_text, config.train.max_length, acc),
+        prepare=fixed_list(train_data, method.encode_text, method.feature_length,
+                           config.train.max_length, acc),
         validate=lambda step: perplexity(method, eval_subset, config.eval.batch_size),
         select_metric="perplexity", select_mode="min", score=score)
 

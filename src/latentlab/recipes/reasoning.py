@@ -29,7 +29,7 @@ from latentlab.methods.base import (
 )
 from latentlab.paths import resolve_path
 from latentlab.recipes.building import build_method
-from latentlab.recipes.pipeline import Pipeline, feature_length, fixed_list
+from latentlab.recipes.pipeline import Pipeline, fixed_list
 from latentlab.tasks import Example, Split, Task
 
 TOKENIZER_EXAMPLES = 5_000  # streamed examples a run trains its tokenizer on
@@ -56,9 +56,10 @@ def pipeline(config: RunConfig, task: Task, run_dir: Path, acc: Accelerator) -> 
         def prepare(stage: int, epoch: int) -> Sequence[Features]:
             run_epoch = sum(s.epochs for s in stages[:stage]) + epoch
             return StreamedEpoch(task, run_epoch, n_train, method.encode,
-                                 config.train.max_length)
+                                 method.feature_length, config.train.max_length)
     else:
-        prepare = fixed_list(train_data, method.encode, config.train.max_length, acc)
+        prepare = fixed_list(train_data, method.encode, method.feature_length,
+                             config.train.max_length, acc)
 
     eval_subset = valid_data[: config.train.eval_samples]
 
@@ -109,14 +110,16 @@ def scored(method: Method, task: Task, examples: list[Example], eval_config: Eva
 
 class StreamedEpoch(Sequence[Any]):
     """One epoch of a streamed task (`task.stream`): item i is the task's example i of that
-    epoch, encoded when `encode` is given. An example longer than `max_length` is replaced by
-    another draw for the same index, so every epoch has `n` examples and every run the same."""
+    epoch, encoded when `encode` is given. An example whose `length` is over `max_length` is
+    replaced by another draw for the same index, so every epoch has `n` examples and every run
+    the same."""
 
     def __init__(self, task: Task, epoch: int, n: int,
                  encode: Callable[[Example], Features] | None = None,
+                 length: Callable[[Features], int] | None = None,
                  max_length: int | None = None) -> None:
         self.task, self.epoch, self.n = task, epoch, n
-        self.encode, self.max_length = encode, max_length
+        self.encode, self.length, self.max_length = encode, length, max_length
 
     def __len__(self) -> int:
         return self.n
@@ -136,7 +139,8 @@ class StreamedEpoch(Sequence[Any]):
             if self.encode is None:
                 return example
             features = self.encode(example)
-            if self.max_length is None or feature_length(features) <= self.max_length:
+            if self.length is None or self.max_length is None or \
+                    self.length(features) <= self.max_length:
                 return features
         raise DataError(f"{STREAM_ATTEMPTS} streamed examples in a row are longer than "
                         f"train.max_length={self.max_length} tokens",

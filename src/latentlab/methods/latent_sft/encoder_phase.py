@@ -179,6 +179,9 @@ class LatentSFTEncoder(LatentSFT):
                 "kinds": kinds, "blocks": blocks, "positions": positions, "labels": labels,
                 "weights": weights}
 
+    def feature_length(self, features: Features) -> int:
+        return len(features["encoder_ids"]) + len(features["input_ids"])
+
     def collate(self, features: list[Features]) -> Batch:
         """Right-padded encoder and decoder sequences and their "may attend" masks [B, T, T]
         (built here, on the CPU, from the position kinds)."""
