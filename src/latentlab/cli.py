@@ -12,13 +12,14 @@ import contextlib
 import json
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
 from latentlab.errors import ConfigError, LatentlabError, PathError
+from latentlab.signals import handling
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,21 +66,12 @@ def _report(message: str, status: int) -> int:
     return status
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
+def _sigterm_interrupts() -> contextlib.AbstractContextManager[None]:
     """Let SIGTERM stop the command as Ctrl-C does (a KeyboardInterrupt), not kill it."""
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    try:
-        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt)}
-    except ValueError:  # not the main thread (main() called from a library): leave it alone
-        previous = {}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    return handling((signal.SIGTERM,), interrupt)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from latentlab.engine.config import Section, TrainConfig
-from latentlab.errors import ConfigError, require_file
+from latentlab.errors import ConfigError, not_utf8, require_file
 from latentlab.methods import METHOD_CONFIGS
 from latentlab.model_config import ModelConfig
 from latentlab.tasks import TASK_CONFIGS
@@ -108,8 +108,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})",
-                          fix="re-encode the file as UTF-8") from None
+        raise not_utf8(path, exc, "config file", ConfigError) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML ({' '.join(str(exc).split())})",
                           fix="repair the YAML syntax") from None

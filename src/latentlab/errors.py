@@ -73,3 +73,10 @@ def require_file(path: Path, what: str, fix: str,
         raise error(f"{what} {path} is a directory, not a file", fix)
     if not path.is_file():
         raise error(f"{what} {path} does not exist", fix)
+
+
+def not_utf8(path: Path, exc: UnicodeDecodeError, what: str,
+             error: type[LatentlabError]) -> LatentlabError:
+    """The error for a file that is not UTF-8 text; `what` names its role ("config file")."""
+    return error(f"{what} {path} is not UTF-8 text (byte {exc.start})",
+                 "re-encode the file as UTF-8")

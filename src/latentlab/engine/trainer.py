@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -44,6 +44,7 @@ from latentlab.engine.config import TrainConfig
 from latentlab.engine.cuda_graphs import GraphedSteps
 from latentlab.engine.interface import Stage, batch_to
 from latentlab.errors import ConfigError, NumericalError, RunError
+from latentlab.signals import handling
 
 
 @dataclass
@@ -629,18 +630,9 @@ class Trainer:
         received = self.acc.gather(torch.tensor([flags], device=self.acc.device))
         return [int(v) for v in received.max(0).values]
 
-    @contextlib.contextmanager
-    def _signals(self) -> Iterator[None]:
+    def _signals(self) -> contextlib.AbstractContextManager[None]:
         """SIGTERM/SIGINT finish the current step, save a checkpoint, then stop."""
         def handler(signum: int, frame: Any) -> None:
             self._signal = signum
 
-        try:
-            previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-        except ValueError:  # not the main thread: leave signals alone
-            previous = {}
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+        return handling((signal.SIGTERM, signal.SIGINT), handler)

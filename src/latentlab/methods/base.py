@@ -149,11 +149,13 @@ class Method(nn.Module, ABC):
         return self.collate_rows(features, [[i] for i in range(len(features))], longest)
 
     def collate_rows(self, features: list[Features], rows: list[list[int]], width: int,
-                     packed: bool = False) -> Batch:
+                     packed: bool = False, offsets: list[int] | None = None) -> Batch:
         """A batch of `width` columns whose row r holds the examples `rows[r]` one after the
-        other, then padding. Packed (several examples a row): `position_ids` restart at each
-        example and its first token carries no label (it is not predicted from the example
-        before it); otherwise an `attention_mask` marks the real tokens."""
+        other, after `offsets[r]` columns of padding (left padding that aligns a column across
+        rows, e.g. Coconut's `<bot>`; default none), then padding. Packed (several examples a
+        row): `position_ids` restart at each example and each example after the first has no
+        label on its first token (it is not predicted from the example before it); otherwise an
+        `attention_mask` marks the real tokens."""
         shape = (len(rows), width)
         ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full(shape, IGNORE, dtype=torch.long)
@@ -161,12 +163,12 @@ class Method(nn.Module, ABC):
         mask = torch.zeros(shape, dtype=torch.long)
         positions = torch.zeros(shape, dtype=torch.long)
         for row, members in enumerate(rows):
-            start = 0
-            for i in members:
+            start = offsets[row] if offsets else 0
+            for k, i in enumerate(members):
                 f, n = features[i], len(features[i]["input_ids"])
                 ids[row, start:start + n] = torch.tensor(f["input_ids"])
                 labels[row, start:start + n] = torch.tensor(f["labels"])
-                if start:
+                if k:
                     labels[row, start] = IGNORE
                 if "parts" in f:  # a reasoning example (a text window has no parts)
                     parts[row, start:start + n] = torch.tensor(f["parts"])

@@ -10,14 +10,15 @@ and a curriculum moves the chain of thought into thoughts: stage 0 is plain CoT 
 and the last stage also drops the steps after max_latent_stage. Loss is on the steps that are
 left, the answer and <eos>.
 
-Training needs n+1 sequential passes (thought j depends on thought j-1). The passes share one
-cache (`engine.piecewise_cache`: each pass writes its keys and values into buffers of the full
-width, with no copy of earlier columns): each pass feeds only the new columns on top of the
-cached prefix, and gradients flow back through the cached keys and values. Batching rule (see
-`collate`): rows are left-padded so that every row's `<bot>` sits in the same column; thought
-j of every row then sits in column bot+j, so pass j feeds exactly one column, in which rows with
-fewer thoughts already hold ordinary tokens whose embeddings are known. docs/methods/coconut.md
-gives the argument for exactness; tests/test_coconut.py checks it against full recomputation.
+Training needs n+1 sequential passes (thought j depends on thought j-1), run by
+`engine.feedback.feedback_passes` over one cache (`engine.piecewise_cache`: each pass writes its
+keys and values into buffers of the full width, with no copy of earlier columns): each pass
+feeds only the new columns on top of the cached prefix, and gradients flow back through the
+cached keys and values. Batching rule (see `collate`): rows are left-padded so that every row's
+`<bot>` sits in the same column; thought j of every row then sits in column bot+j, so pass j
+feeds exactly one column, in which rows with fewer thoughts already hold ordinary tokens whose
+embeddings are known. docs/methods/coconut.md gives the argument for exactness;
+tests/test_coconut.py checks it against full recomputation.
 """
 
 from __future__ import annotations
@@ -30,22 +31,18 @@ import torch
 from pydantic import Field, model_validator
 from safetensors.torch import load_file
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from latentlab.engine.deferred_grads import defer_shared_grads
+from latentlab.engine.feedback import feedback_passes
 from latentlab.engine.generation import (
     DecodeState,
     extend,
     left_pad,
-    pad_safe_attention,
     prefill,
-    with_cache,
 )
-from latentlab.engine.piecewise_cache import piecewise_cache
 from latentlab.errors import ConfigError, RunError
 from latentlab.latents import with_orthogonality
 from latentlab.methods.base import (
-    IGNORE,
     Batch,
     Features,
     Method,
@@ -53,8 +50,6 @@ from latentlab.methods.base import (
     Stage,
     StepOutput,
     answer_text,
-    label_index,
-    part_fields,
     part_lm_loss,
     right_padded_states,
     round_up,
@@ -68,15 +63,6 @@ if TYPE_CHECKING:
 
 BOT, EOT, THOUGHT = "<bot>", "<eot>", "<thought>"
 STAGE_KEY = "latent_stage"  # entry of method.safetensors holding the exported model's stage
-
-# SDPA backends for the single-column thought passes while a CUDA graph records the step
-# without deferred gradients (deferred, those passes' attention is `DeferredPrefixAttention`), in
-# order of preference. For one query row over 357 keys, cuDNN's kernel takes 60% of flash's time
-# once replayed (forward and backward, H100: 105 against 166 us; H200: 90 against 151), but
-# launched eagerly its host-side setup can cost more than that (H200: 505 against 232 us).
-# benchmarks/sdpa_single_query.py; results in benchmarks/results/sdpa_single_query_*.json.
-SINGLE_QUERY_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                         SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 Mode = Literal["coconut", "no_curriculum", "no_thought", "pause_as_thought"]
 # Modes whose thoughts are fed-back hidden states (the others are ordinary token sequences).
@@ -250,22 +236,10 @@ class Coconut(Method):
         width = round_up(max(s + len(f["input_ids"]) for s, f in zip(shifts, features,
                                                                      strict=True)),
                          self.pad_to_multiple)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(features), width), pad, dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
-        parts = torch.zeros((len(features), width), dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        for row, (s, f) in enumerate(zip(shifts, features, strict=True)):
-            end = s + len(f["input_ids"])
-            ids[row, s:end] = torch.tensor(f["input_ids"])
-            labels[row, s:end] = torch.tensor(f["labels"])
-            parts[row, s:end] = torch.tensor(f["parts"])
-            mask[row, s:end] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-                "thoughts": torch.tensor([f["thoughts"] for f in features]),
-                "label_index": label_index(labels),
-                "bot": bot, "max_thoughts": most, "left_padded": any(shifts),
-                "num_tokens": int(mask.sum()), **part_fields(labels, parts)}
+        batch = self.collate_rows(features, [[i] for i in range(len(features))], width,
+                                  offsets=shifts)
+        return {**batch, "thoughts": torch.tensor([f["thoughts"] for f in features]),
+                "bot": bot, "max_thoughts": most, "left_padded": any(shifts)}
 
     # -- training --------------------------------------------------------------------------
     def forward(self, batch: Batch) -> StepOutput:
@@ -295,47 +269,22 @@ class Coconut(Method):
         embeds = self.backbone.get_input_embeddings()(ids)
         if n == 0:
             return right_padded_states(self.backbone, embeds)
-        mask = batch["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding starts each row at 0
         has_thought = batch["thoughts"][:, None, None]
-        bot, width = batch["bot"], ids.shape[1]
-        cache = piecewise_cache(self.backbone, width)  # no cache copies per pass
-        # One mask for all passes (pass j reads its rows start:end). Only left pads can be
-        # queries that see nothing (see padded_attention); right padding alone is exact under
-        # the causal mask, so it gets none (see right_padded_states). The collate knows which,
-        # so no device sync decides it (reading the mask cost a sync per pass).
-        allowed = (pad_safe_attention(self.backbone, mask, width) if batch["left_padded"]
-                   else None)
-        recording = ids.is_cuda and torch.cuda.is_current_stream_capturing()
-        outputs: list[Tensor] = []
+
+        def feed(j: int, previous: Tensor, given: Tensor) -> Tensor:
+            # Rows with fewer thoughts hold a token in column bot+j: its embedding stays.
+            return torch.where(has_thought >= j, previous.to(given.dtype), given)
+
         # One deferral for the whole step: the gradients of each parameter and of the prefix's
         # keys and values are computed once, after the backward of the last pass that used
         # them, instead of once per pass (engine.deferred_grads).
+        recording = ids.is_cuda and torch.cuda.is_current_stream_capturing()
         policy = self.config.defer_shared_grads
         defer = torch.is_grad_enabled() and (policy == "always"
                                              or (policy == "replayed" and recording))
         with defer_shared_grads(self.backbone) if defer else contextlib.nullcontext():
-            for j in range(n + 1):
-                # Bounds by arithmetic on `bot` (not a list of them): a traced step keeps
-                # `bot` symbolic, so torch.compile does not recompile per question length.
-                start = 0 if j == 0 else bot + j
-                end = width if j == n else bot + j + 1
-                chunk = embeds[:, start:end]
-                if j > 0:
-                    previous = outputs[-1][:, -1:].to(chunk.dtype)
-                    first = torch.where(has_thought >= j, previous, chunk[:, :1])
-                    chunk = first if end - start == 1 else torch.cat([first, chunk[:, 1:]], 1)
-                with (sdpa_kernel(SINGLE_QUERY_BACKENDS, set_priority=True)
-                      if recording and 0 < j < n else contextlib.nullcontext()):
-                    out = self.backbone.base_model(inputs_embeds=chunk,
-                                                   attention_mask=None if allowed is None
-                                                   else allowed[..., start:end, :end],
-                                                   position_ids=positions[:, start:end],
-                                                   **with_cache(self.backbone.base_model,
-                                                                cache),
-                                                   use_cache=True)
-                outputs.append(out.last_hidden_state)
-        return torch.cat(outputs, dim=1)
+            return feedback_passes(self.backbone, embeds, batch["attention_mask"],
+                                   batch["left_padded"], batch["bot"], n, feed)[0]
 
     # -- inference -------------------------------------------------------------------------
     @torch.no_grad()

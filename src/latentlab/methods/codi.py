@@ -26,12 +26,12 @@ the teacher's B x d values of that layer, both as the reference code computes th
 1 for LLaMA and 20 for GPT-2, is for this scale).
 
 Training runs the teacher in one pass and the student in N+1 passes over one key/value cache
-(`engine.piecewise_cache`, gradients flow through the cached keys and values): the prefix up to
-`<bot>`, one column per thought, then `z_N`, `<eot>` and the answer. Batching rule: rows are
-left-padded so that every row's `<bot>` sits in one column b, so thought t of every row is in
-column b+t (every row has N thoughts), and each pass covers the same columns in all rows
-(Coconut's `collate` does the same; docs/methods/codi.md gives the argument).
-tests/test_codi.py checks the cached student against full recomputation.
+(`engine.feedback.feedback_passes`; gradients flow through the cached keys and values): the
+prefix up to `<bot>`, one column per thought, then `z_N`, `<eot>` and the answer. Batching rule:
+rows are left-padded so that every row's `<bot>` sits in one column b, so thought t of every row
+is in column b+t (every row has N thoughts), and each pass covers the same columns in all rows
+(Coconut's `collate` does the same; docs/methods/codi.md gives the argument). tests/test_codi.py
+checks the cached student against full recomputation.
 """
 
 from __future__ import annotations
@@ -42,27 +42,22 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from latentlab.engine.feedback import feedback_passes
 from latentlab.engine.generation import (
     DecodeState,
     extend,
     left_pad,
-    pad_safe_attention,
     prefill,
-    with_cache,
 )
-from latentlab.engine.piecewise_cache import piecewise_cache
 from latentlab.latents import with_orthogonality
 from latentlab.methods.base import (
     ANSWER_MARKER,
-    IGNORE,
     Batch,
     Features,
     Method,
     MethodConfig,
     StepOutput,
     answer_text,
-    label_index,
-    part_fields,
     part_lm_loss,
     sequence,
     steps_text,
@@ -162,30 +157,20 @@ class CODI(Method):
         teacher_batch = self.collate_rows(teacher, [[i] for i in range(len(teacher))], width)
         num_tokens = teacher_batch.pop("num_tokens")
 
+        student = [{k.removeprefix(STUDENT): v for k, v in f.items() if k.startswith(STUDENT)}
+                   for f in features]
         bot = max(f["bot"] for f in features)
         shifts = [bot - f["bot"] for f in features]
-        width = max(s + len(f["student_input_ids"]) for s, f in zip(shifts, features,
-                                                                    strict=True))
-        shape = (len(features), width)
-        ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full(shape, IGNORE, dtype=torch.long)
-        parts = torch.zeros(shape, dtype=torch.long)
-        mask = torch.zeros(shape, dtype=torch.long)
-        for row, (s, f) in enumerate(zip(shifts, features, strict=True)):
-            end = s + len(f["student_input_ids"])
-            ids[row, s:end] = torch.tensor(f["student_input_ids"])
-            labels[row, s:end] = torch.tensor(f["student_labels"])
-            parts[row, s:end] = torch.tensor(f["student_parts"])
-            mask[row, s:end] = 1
-        student_batch = {"input_ids": ids, "labels": labels, "attention_mask": mask,
-                         "label_index": label_index(labels), **part_fields(labels, parts)}
+        width = max(s + len(f["input_ids"]) for s, f in zip(shifts, student, strict=True))
+        student_batch = self.collate_rows(student, [[i] for i in range(len(student))], width,
+                                          offsets=shifts)
+        num_tokens += student_batch.pop("num_tokens")  # a step reads both roles' tokens
         teacher_batch["distill"] = torch.tensor([f["distill"] for f in teacher])
-        student_batch["distill"] = torch.tensor([s + f["student_distill"]
-                                                 for s, f in zip(shifts, features, strict=True)])
+        student_batch["distill"] = torch.tensor([s + f["distill"]
+                                                 for s, f in zip(shifts, student, strict=True)])
         return {**{TEACHER + k: v for k, v in teacher_batch.items()},
                 **{STUDENT + k: v for k, v in student_batch.items()},
-                "bot": bot, "left_padded": any(shifts),
-                "num_tokens": num_tokens + int(mask.sum())}  # a step reads both roles' tokens
+                "bot": bot, "left_padded": any(shifts), "num_tokens": num_tokens}
 
     # -- training --------------------------------------------------------------------------
     def forward(self, batch: Batch) -> StepOutput:
@@ -213,41 +198,21 @@ class CODI(Method):
     def student_states(self, batch: Batch) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
         """The student's last-layer states at every column [B, T, d], every layer's states
         (`hidden_states`, embedding output first) at the columns of the last pass, from bot + N
-        on, and the thoughts z_1..z_N [B, N, d].
-
-        Pass 0 covers columns [0, bot]; pass t (1..N-1) the single column bot+t, fed
-        z_t = proj(state of column bot+t-1), the previous pass's last output; the last pass
-        z_N and everything after it. Every column is fed its final input once, after all the
-        columns it attends to: what a causal model with a cache needs to be exact.
-        """
-        ids = batch["student_input_ids"]
-        mask = batch["student_attention_mask"]
-        n, bot, width = self.config.latent_budget, batch["bot"], ids.shape[1]
-        embeds = self.embed(ids)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding starts each row at 0
-        cache = piecewise_cache(self.backbone, width)  # no copy of earlier columns per pass
-        # Only left pads can be queries that see nothing (see generation.padded_attention);
-        # right padding alone is exact under the causal mask and gets none, so SDPA may take
-        # its flash kernel. The collate knows which: no device sync decides it.
-        allowed = (pad_safe_attention(self.backbone, mask, width) if batch["left_padded"]
-                   else None)
-        outputs: list[Tensor] = []
+        on, and the thoughts z_1..z_N [B, N, d]: N+1 passes over one cache
+        (`engine.feedback.feedback_passes`), column bot+t fed z_t = proj(state of column
+        bot+t-1)."""
         thoughts: list[Tensor] = []
-        for t in range(n + 1):
-            start = 0 if t == 0 else bot + t
-            end = width if t == n else bot + t + 1
-            chunk = embeds[:, start:end]
-            if t > 0:
-                thoughts.append(self.projection(outputs[-1][:, -1:]).to(chunk.dtype))
-                chunk = torch.cat([thoughts[-1], chunk[:, 1:]], dim=1)
-            out = self.backbone.base_model(
-                inputs_embeds=chunk,
-                attention_mask=None if allowed is None else allowed[..., start:end, :end],
-                position_ids=positions[:, start:end],
-                **with_cache(self.backbone.base_model, cache), use_cache=True,
-                output_hidden_states=t == n)
-            outputs.append(out.last_hidden_state)
-        return torch.cat(outputs, dim=1), out.hidden_states, torch.cat(thoughts, dim=1)
+
+        def feed(t: int, previous: Tensor, given: Tensor) -> Tensor:
+            thoughts.append(self.projection(previous).to(given.dtype))
+            return thoughts[-1]
+
+        hidden, layers = feedback_passes(
+            self.backbone, self.embed(batch[STUDENT + "input_ids"]),
+            batch[STUDENT + "attention_mask"], batch["left_padded"], batch["bot"],
+            self.config.latent_budget, feed, last_pass_layers=True)
+        assert layers is not None  # asked for
+        return hidden, layers, torch.cat(thoughts, dim=1)
 
     def distillation_loss(self, teacher_layers: tuple[Tensor, ...], teacher_index: Tensor,
                           student_layers: tuple[Tensor, ...], student_index: Tensor) -> Tensor:

@@ -51,7 +51,6 @@ from latentlab.engine.generation import (
 from latentlab.errors import ConfigError
 from latentlab.latents import with_orthogonality
 from latentlab.methods.base import (
-    IGNORE,
     Batch,
     Features,
     LatentConfig,
@@ -173,24 +172,21 @@ class Coprocessor(Method):
             ids = torch.tensor([f["text_ids"] for f in features])
             return {"text_ids": ids, "points": torch.tensor([f["points"] for f in features]),
                     "num_tokens": ids.numel()}
-        pad = self.tokenizer.pad_token_id
-        prompt, prompt_mask = left_pad([f["prompt_ids"] for f in features], pad)
-        longest = max(len(f["target_ids"]) for f in features)
-        target = torch.full((len(features), longest), pad, dtype=torch.long)
-        labels = torch.full((len(features), longest), IGNORE, dtype=torch.long)
-        parts = torch.zeros((len(features), longest), dtype=torch.long)
-        for row, f in enumerate(features):
-            target[row, :len(f["target_ids"])] = torch.tensor(f["target_ids"])
-            labels[row, :len(f["target_ids"])] = torch.tensor(f["target_ids"])
-            parts[row, :len(f["target_ids"])] = torch.tensor(f["target_parts"])
-        n_tokens = (int(prompt_mask.sum()) + int((labels != IGNORE).sum())
+        prompt, prompt_mask = left_pad([f["prompt_ids"] for f in features],
+                                       self.tokenizer.pad_token_id)
+        targets = [{"input_ids": f["target_ids"], "labels": f["target_ids"],
+                    "parts": f["target_parts"]} for f in features]
+        # Targets right-padded after a leading column with no label: the injection's last
+        # column, which predicts the first target token (`forward` puts the injection's other
+        # columns before it).
+        width = 1 + max(len(t["input_ids"]) for t in targets)
+        rows = self.collate_rows(targets, [[i] for i in range(len(targets))], width,
+                                 offsets=[1] * len(targets))
+        n_tokens = (int(prompt_mask.sum()) + rows["num_tokens"]
                     + self.config.latent_budget * len(features))
-        # A leading column with no label: the injection's last column, which predicts the
-        # first target token (`forward` puts the injection's other columns before it).
-        labels = torch.cat([labels.new_full((len(features), 1), IGNORE), labels], 1)
-        parts = torch.cat([parts.new_zeros((len(features), 1)), parts], 1)
-        return {"prompt_ids": prompt, "prompt_mask": prompt_mask, "target_ids": target,
-                "labels": labels, "num_tokens": n_tokens, **part_fields(labels, parts)}
+        return {"prompt_ids": prompt, "prompt_mask": prompt_mask,
+                "target_ids": rows["input_ids"][:, 1:], "labels": rows["labels"],
+                "num_tokens": n_tokens, **part_fields(rows["labels"], rows["parts"])}
 
     # -- the three passes --------------------------------------------------------------------
     def read_prompt(self, prompt_ids: Tensor, prompt_mask: Tensor) -> DecodeState:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from latentlab.errors import ConfigError, DataError, PathError, require_file
+from latentlab.errors import ConfigError, DataError, PathError, not_utf8, require_file
 from latentlab.paths import resolve_path
 
 Split = Literal["train", "valid", "test"]
@@ -232,8 +232,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                                     fix="each line must be one JSON object")
                 yield lineno, row
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text (byte {exc.start})",
-                        fix="re-encode the file as UTF-8") from None
+        raise not_utf8(path, exc, "data file", DataError) from None
 
 
 def require(row: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
