@@ -33,6 +33,9 @@ class EvalConfig(Section):
     splits: list[Literal["valid", "test"]] = Field(
         default_factory=lambda: ["valid", "test"], description="scored with the best model "
         "when training ends")
+    flops_examples: int = Field(8, ge=0, description="examples whose forward FLOPs (training "
+                                "step and generation, one at a time) the results report, as "
+                                "`flops_per_example` (0: not counted)")
 
 
 # Tagged unions built from the registries: a new task or method module joins automatically.

@@ -29,6 +29,9 @@ class Pipeline:
     select_metric: str
     select_mode: str  # "max" or "min"
     score: Callable[[Method, Split], dict[str, Any]]  # the best model on a final split
+    # The best model's forward FLOPs per example (`recipes.compute`), where the kind of task
+    # has them.
+    compute: Callable[[Method], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

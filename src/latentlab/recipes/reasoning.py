@@ -29,6 +29,7 @@ from latentlab.methods.base import (
 )
 from latentlab.paths import resolve_path
 from latentlab.recipes.building import build_method
+from latentlab.recipes.compute import flops_per_example
 from latentlab.recipes.pipeline import Pipeline, fixed_list
 from latentlab.tasks import Example, Split, Task
 
@@ -76,9 +77,13 @@ def pipeline(config: RunConfig, task: Task, run_dir: Path, acc: Accelerator) -> 
         examples = valid_data if split == "valid" else task.load(split)
         return scored(best, task, examples, config.eval, acc, run_dir, split)
 
+    def compute(best: Method) -> dict[str, Any]:
+        k = config.eval.flops_examples
+        return flops_per_example(best, train_data[:k], valid_data[:k], config.eval.max_new_tokens)
+
     kind = "fresh streamed examples per epoch" if config.task.stream else "train"
     return Pipeline(method, n_train, f"{n_train:,} {kind} / {len(valid_data):,} valid examples",
-                    prepare, validate, "accuracy", "max", score)
+                    prepare, validate, "accuracy", "max", score, compute)
 
 
 def evaluate_split(method: Method, config: RunConfig, task: Task, split: Split,

@@ -100,6 +100,8 @@ def _train(config: RunConfig, resume: bool, run: RunDir, acc: Accelerator) -> di
                                "skipped_steps": state.skipped_steps}
     for split in config.eval.splits:
         results[split] = pipeline.score(best, split)
+    if pipeline.compute is not None and config.eval.flops_examples:
+        results["flops_per_example"] = pipeline.compute(best)
     if acc.is_main_process:
         run.write_results(results)
     return results

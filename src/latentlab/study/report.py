@@ -53,7 +53,8 @@ MAX_TICKS = 12  # more x values than this (training steps) keep matplotlib's own
 CSV_COLUMNS = ("run_dir", "task", "operands", "method", "latent_budget", "variant", "seed",
                "model", "split", "accuracy", "perplexity", "n", "valid_accuracy",
                "valid_perplexity", "test_accuracy", "test_perplexity", "h_off", "silhouette",
-               "trainable_parameters")
+               "trainable_parameters", "train_flops_per_example",
+               "inference_flops_per_example")
 
 
 # ------------------------------------------------------------------------------------------
@@ -79,6 +80,11 @@ class Run:
         written before it was recorded: their `method.latent_budget` option."""
         budget = self.results.get("latent_budget", self.get("method.latent_budget"))
         return budget if isinstance(budget, int) else None
+
+    def flops(self, which: str) -> float | None:
+        """Forward FLOPs per example (`train_forward` or `inference`), where recorded."""
+        value = (self.results.get("flops_per_example") or {}).get(which)
+        return float(value) if isinstance(value, int | float) else None
 
     def score(self, split: str, metric: str) -> float | None:
         value = (self.results.get(split) or {}).get(metric)
@@ -523,7 +529,9 @@ def _csv_row(run: Run, group: Group, split: Split) -> dict[str, Any]:
         **{f"{s}_{m}": run.score(s, m) for s in ("valid", "test")
            for m in ("accuracy", "perplexity")},
         "h_off": capture.get("h_off"), "silhouette": capture.get("silhouette"),
-        "trainable_parameters": run.results.get("trainable_parameters")}
+        "trainable_parameters": run.results.get("trainable_parameters"),
+        "train_flops_per_example": run.flops("train_forward"),
+        "inference_flops_per_example": run.flops("inference")}
 
 
 def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
@@ -538,7 +546,9 @@ def _group_summary(group: Group, split: Split) -> dict[str, Any]:
     stats = {"accuracy": group.stat(lambda r: r.score(split, "accuracy")),
              "perplexity": group.stat(lambda r: r.score(split, "perplexity")),
              "h_off": group.stat(lambda r: (r.capture or {}).get("h_off")),
-             "silhouette": group.stat(lambda r: (r.capture or {}).get("silhouette"))}
+             "silhouette": group.stat(lambda r: (r.capture or {}).get("silhouette")),
+             "train_flops_per_example": group.stat(lambda r: r.flops("train_forward")),
+             "inference_flops_per_example": group.stat(lambda r: r.flops("inference"))}
     return {"task": group.task, "operands": group.operands, "method": group.method,
             "latent_budget": group.latent_budget, "variant": group.variant,
             "label": group.method_label, "seeds": [r.get("train.seed") for r in group.runs],
@@ -565,6 +575,18 @@ def _markdown(groups: Sequence[Group], plots: Sequence[Plot], split: Split,
             sil = g.stat(lambda r: (r.capture or {}).get("silhouette"))
             lines.append(f"| {g.task_label} | {g.method_label} | {_cell(h_off, '.3f')} | "
                          f"{_cell(sil, '.3f')} |")
+        lines.append("")
+    costed = [g for g in groups if g.stat(lambda r: r.flops("train_forward"))]
+    if costed:
+        lines += ["## Compute", "", "Forward FLOPs per example (`flops_per_example` in "
+                  "results.json, counted one example at a time: matrix products and attention), "
+                  "in GFLOPs.", "", "| task | method | training forward | inference |",
+                  "|---|---|---|---|"]
+        for g in costed:
+            train_flops = g.stat(lambda r: r.flops("train_forward"))
+            inference = g.stat(lambda r: r.flops("inference"))
+            lines.append(f"| {g.task_label} | {g.method_label} | {_cell(train_flops, '.3f', 1e-9)}"
+                         f" | {_cell(inference, '.3f', 1e-9)} |")
         lines.append("")
     for plot in plots:
         lines += [f"## {plot.title[0].upper()}{plot.title[1:]}", "",
