@@ -374,7 +374,9 @@ def test_engine_runs_the_curriculum_and_the_best_model_keeps_its_stage(tmp_path:
     assert method.latent_stage == 2
     task = build_task(loaded.task)
     metrics, predictions = evaluate(method, task, task.load("test"), loaded.eval)
-    assert metrics == results["test"] and len(predictions) == 8
+    scores = dict(results["test"])
+    assert set(scores.pop("latent_dependence")) == {"zeros", "mean", "shuffled"}  # 2 thoughts
+    assert metrics == scores and len(predictions) == 8
 
 
 def test_compiled_body_matches_eager() -> None:

@@ -33,6 +33,10 @@ class EvalConfig(Section):
     splits: list[Literal["valid", "test"]] = Field(
         default_factory=lambda: ["valid", "test"], description="scored with the best model "
         "when training ends")
+    latent_ablations: bool = Field(True, description="score the final splits again with the "
+                                   "latent inputs replaced by zeros, their mean, and another "
+                                   "question's (`latent_dependence` in results.json), for "
+                                   "methods that insert a fixed number of latents")
     flops_examples: int = Field(8, ge=0, description="examples whose forward FLOPs (training "
                                 "step and generation, one at a time) the results report, as "
                                 "`flops_per_example` (0: not counted)")

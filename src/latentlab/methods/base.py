@@ -209,18 +209,40 @@ class Method(nn.Module, ABC):
 
     # -- inference -------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, examples: list[Example], max_new_tokens: int) -> list[str]:
-        """Greedy completions after `before_answer` (KV-cached, batched, left-padded)."""
-        tokens = greedy_decode(self.backbone, self.before_answer(examples), max_new_tokens,
-                               self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+    def generate(self, examples: list[Example], max_new_tokens: int,
+                 latent_inputs: Tensor | None = None) -> list[str]:
+        """Greedy completions after `before_answer` (KV-cached, batched, left-padded);
+        `latent_inputs` replace the method's own (`latent_inputs`)."""
+        tokens = greedy_decode(self.backbone, self.before_answer(examples, latent_inputs),
+                               max_new_tokens, self.tokenizer.eos_token_id,
+                               self.tokenizer.pad_token_id)
         return decode_completions(self.tokenizer, tokens)
 
-    def before_answer(self, examples: list[Example]) -> DecodeState:
+    def before_answer(self, examples: list[Example],
+                      latent_inputs: Tensor | None = None) -> DecodeState:
         """The decoding state from which the model writes its completion: the prompt read
-        (methods with latents, thoughts or a coprocessor add theirs here)."""
+        (methods with latents, thoughts or a coprocessor add theirs here, or the
+        `latent_inputs` given in their place)."""
+        self._no_latent_inputs(latent_inputs)
         prompts = [self.prompt_ids(e) for e in examples]
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id, self.device)
         return prefill(self.backbone, mask, inputs_embeds=self.embed(ids))
+
+    def latent_inputs(self, examples: list[Example]) -> Tensor:
+        """What the method puts between question and answer at inference, example first
+        ([n, ...]: the vectors it feeds or injects): what the latent-dependence ablations
+        replace through `generate(..., latent_inputs=...)`. Methods that insert a fixed number
+        of latents implement it."""
+        raise RunError(f"method {self.name!r} has no latent inputs to replace",
+                       fix="ablate the latents of a method that inserts a fixed number")
+
+    def has_latent_inputs(self) -> bool:
+        """Whether this model inserts latents `latent_inputs` can return."""
+        return type(self).latent_inputs is not Method.latent_inputs
+
+    def _no_latent_inputs(self, latent_inputs: Tensor | None) -> None:
+        if latent_inputs is not None and not self.has_latent_inputs():
+            self.latent_inputs([])  # raises: the method has none
 
     def generate_with_steps(self, examples: list[Example],
                             max_new_tokens: int) -> tuple[list[str], list[int | None]]:

@@ -288,9 +288,19 @@ class Coconut(Method):
 
     # -- inference -------------------------------------------------------------------------
     @torch.no_grad()
-    def before_answer(self, examples: list[Example]) -> DecodeState:
+    def before_answer(self, examples: list[Example],
+                      latent_inputs: Tensor | None = None) -> DecodeState:
         """After `<eot>`: completions start with any steps left, then `###`."""
-        return self._think(examples)[0]
+        return self._think(examples, latent_inputs)[0]
+
+    @torch.no_grad()
+    def latent_inputs(self, examples: list[Example]) -> Tensor:
+        """The thoughts fed at inference, [n, thoughts, d] (`latents`)."""
+        return self.latents(examples)
+
+    def has_latent_inputs(self) -> bool:
+        # Models from before the first latent stage, and the ablation modes, feed none.
+        return self.config.mode in FEEDBACK_MODES and self.eval_thoughts() > 0
 
     @torch.no_grad()
     def latents(self, examples: list[Example]) -> Tensor:
@@ -306,8 +316,10 @@ class Coconut(Method):
                            "set method.thoughts_at_eval")
         return torch.stack(thoughts, dim=1)
 
-    def _think(self, examples: list[Example]) -> tuple[DecodeState, list[Tensor]]:
-        """Prefill `question \\n <bot>`, run the thoughts (one cached step each), add `<eot>`.
+    def _think(self, examples: list[Example], given: Tensor | None = None
+               ) -> tuple[DecodeState, list[Tensor]]:
+        """Prefill `question \\n <bot>`, run the thoughts (one cached step each; `given`
+        [B, n, d] in place of the model's own), add `<eot>`.
 
         Returns the state after `<eot>` and the fed-back thoughts ([B, d] each). Every row gets
         the same number of thoughts, so columns stay aligned with no extra padding.
@@ -320,9 +332,9 @@ class Coconut(Method):
         state = prefill(self.backbone, mask, input_ids=ids)
         ones = torch.ones_like(mask[:, :1])
         thoughts: list[Tensor] = []
-        for _ in range(n if feedback else 0):
-            thoughts.append(state.hidden[:, -1])
-            state = extend(self.backbone, state, ones, inputs_embeds=state.hidden[:, -1:])
+        for j in range(n if feedback else 0):
+            thoughts.append(state.hidden[:, -1] if given is None else given[:, j])
+            state = extend(self.backbone, state, ones, inputs_embeds=thoughts[-1][:, None])
         state = extend(self.backbone, state, ones, input_ids=ones * self.eot_id)
         return state, thoughts
 

@@ -228,9 +228,15 @@ class CODI(Method):
 
     # -- inference -------------------------------------------------------------------------
     @torch.no_grad()
-    def before_answer(self, examples: list[Example]) -> DecodeState:
+    def before_answer(self, examples: list[Example],
+                      latent_inputs: Tensor | None = None) -> DecodeState:
         """After `<eot>`: completions are `### answer`, which `extract_answer` reads."""
-        return self._think(examples)[0]
+        return self._think(examples, latent_inputs)[0]
+
+    @torch.no_grad()
+    def latent_inputs(self, examples: list[Example]) -> Tensor:
+        """The thoughts fed at inference, [n, N, d] (`latents`)."""
+        return self.latents(examples)
 
     @torch.no_grad()
     def latents(self, examples: list[Example]) -> Tensor:
@@ -238,9 +244,11 @@ class CODI(Method):
         projected vectors fed as inputs): [n, N, d], for the analyses."""
         return torch.cat(self._think(examples)[1], dim=1)
 
-    def _think(self, examples: list[Example]) -> tuple[DecodeState, list[Tensor]]:
+    def _think(self, examples: list[Example], given: Tensor | None = None
+               ) -> tuple[DecodeState, list[Tensor]]:
         """Prefill `question \\n <bot>` (left-padded), run the N thoughts (one cached step
-        each), add `<eot>`. Returns the state after `<eot>` and the thoughts ([B, 1, d] each).
+        each; `given` [B, N, d] in place of the model's own), add `<eot>`. Returns the state
+        after `<eot>` and the thoughts ([B, 1, d] each).
         Every row gets N thoughts, so columns stay aligned with no extra padding."""
         prompts = [[*self.prompt_ids(e), self.bot_id] for e in examples]
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id, self.device)
@@ -248,8 +256,9 @@ class CODI(Method):
         ones = torch.ones_like(mask[:, :1])
         dtype = self.backbone.get_input_embeddings().weight.dtype
         thoughts: list[Tensor] = []
-        for _ in range(self.config.latent_budget):
-            thoughts.append(self.projection(state.hidden[:, -1:]).to(dtype))
+        for t in range(self.config.latent_budget):
+            thoughts.append(self.projection(state.hidden[:, -1:]).to(dtype) if given is None
+                            else given[:, t:t + 1].to(dtype))
             state = extend(self.backbone, state, ones, inputs_embeds=thoughts[-1])
         state = extend(self.backbone, state, ones, input_ids=ones * self.eot_id)
         return state, thoughts

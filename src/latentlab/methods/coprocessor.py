@@ -363,12 +363,41 @@ class Coprocessor(Method):
 
     # -- inference -------------------------------------------------------------------------
     @torch.no_grad()
-    def before_answer(self, examples: list[Example]) -> DecodeState:
-        """The Coprocessor runs once at the end of the prompt; its latents are injected."""
+    def before_answer(self, examples: list[Example],
+                      latent_inputs: Tensor | None = None) -> DecodeState:
+        """The Coprocessor runs once at the end of the prompt; its latents are injected (or
+        `latent_inputs` in their place)."""
         ids, mask = left_pad([self.prompt_ids(e) for e in examples],
                              self.tokenizer.pad_token_id, self.device)
         state, latents = self.augment(self.read_prompt(ids, mask))
+        if latent_inputs is not None:
+            if self.config.injection == "kv":
+                self._coprocessor_kv(state, latent_inputs.to(latents.dtype))
+            else:
+                latents = latent_inputs.to(latents.dtype)
         return self.inject(state, latents, ids)[0]
+
+    @torch.no_grad()
+    def latent_inputs(self, examples: list[Example]) -> Tensor:
+        """What enters the Base: `Z` [n, N_L, d] (embedding injection), or the Coprocessor's
+        keys and values at its N_L positions, every layer [n, layers, 2, heads, N_L, d_head]
+        (KV injection)."""
+        ids, mask = left_pad([self.prompt_ids(e) for e in examples],
+                             self.tokenizer.pad_token_id, self.device)
+        state, latents = self.augment(self.read_prompt(ids, mask))
+        return self._coprocessor_kv(state) if self.config.injection == "kv" else latents
+
+    def _coprocessor_kv(self, state: DecodeState, replace: Tensor | None = None) -> Tensor:
+        """The cache's last N_L columns (the Coprocessor's keys and values) at every layer,
+        after writing `replace` into them if given."""
+        n = self.config.latent_budget
+        layers = state.cache.layers
+        if replace is not None:
+            for i, layer in enumerate(layers):
+                layer.keys[..., -n:, :] = replace[:, i, 0]
+                layer.values[..., -n:, :] = replace[:, i, 1]
+        return torch.stack([torch.stack([layer.keys[..., -n:, :], layer.values[..., -n:, :]])
+                            for layer in layers]).permute(2, 0, 1, 3, 4, 5)
 
     @torch.no_grad()
     def latents(self, examples: list[Example]) -> Tensor:

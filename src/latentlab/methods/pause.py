@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from latentlab.engine.generation import left_pad
+from latentlab.engine.generation import DecodeState, left_pad, prefill
 from latentlab.latents import with_orthogonality
 from latentlab.methods.base import (
     Batch,
@@ -76,6 +76,24 @@ class Pause(Method):
     def slot_states(self, ids: Tensor, hidden: Tensor) -> Tensor:
         """[B, N_L, d]: the states at the latent positions (every row has exactly N_L)."""
         return hidden[ids == self.slot_id].view(ids.shape[0], self.config.latent_budget, -1)
+
+    @torch.no_grad()
+    def latent_inputs(self, examples: list[Example]) -> Tensor:
+        """The inputs at the N_L slots, [n, N_L, d]: the same for every question (the pause
+        token's embedding, or soft's vectors), so only zeros change them."""
+        ids, _ = left_pad([self.prompt_ids(e) for e in examples], self.tokenizer.pad_token_id,
+                          self.device)
+        return self.embed(ids)[:, -self.config.latent_budget:]
+
+    def before_answer(self, examples: list[Example],
+                      latent_inputs: Tensor | None = None) -> DecodeState:
+        ids, mask = left_pad([self.prompt_ids(e) for e in examples],
+                             self.tokenizer.pad_token_id, self.device)
+        embeds = self.embed(ids)
+        if latent_inputs is not None:  # left padding puts every row's slots last
+            n = self.config.latent_budget
+            embeds = torch.cat([embeds[:, :-n], latent_inputs.to(embeds.dtype)], 1)
+        return prefill(self.backbone, mask, inputs_embeds=embeds)
 
     @torch.no_grad()
     def latents(self, examples: list[Example]) -> Tensor:

@@ -30,6 +30,7 @@ from latentlab.methods.base import (
 from latentlab.paths import resolve_path
 from latentlab.recipes.building import build_method
 from latentlab.recipes.compute import flops_per_example
+from latentlab.recipes.dependence import latent_dependence
 from latentlab.recipes.pipeline import Pipeline, fixed_list
 from latentlab.tasks import Example, Split, Task
 
@@ -38,6 +39,8 @@ STREAM_ATTEMPTS = 100  # draws per streamed example before every draw is called 
 
 
 def pipeline(config: RunConfig, task: Task, run_dir: Path, acc: Accelerator) -> Pipeline:
+    """The method built for a reasoning run, its data (a fixed list or a stream), validation
+    by generated accuracy, final scores with the latent ablations, and its FLOPs."""
     if config.task.stream and not task.generates:
         raise ConfigError(f"task.stream needs generated data; task {task.name!r} only reads "
                           "files", fix="set task.stream=false")
@@ -105,12 +108,17 @@ def evaluate_split(method: Method, config: RunConfig, task: Task, split: Split,
 
 def scored(method: Method, task: Task, examples: list[Example], eval_config: EvalConfig,
            acc: Accelerator, run_dir: Path | None, name: str) -> dict[str, Any]:
-    """`evaluate`, with the predictions written to `RUN_DIR/predictions-NAME.jsonl`."""
+    """`evaluate`, with the predictions written to `RUN_DIR/predictions-NAME.jsonl`, and the
+    accuracy under the latent ablations (`recipes.dependence`) where the method has them."""
     with acc.autocast():
         metrics, rows = evaluate(method, task, examples, eval_config, acc)
+        result: dict[str, Any] = dict(metrics)
+        if eval_config.latent_ablations and method.has_latent_inputs():
+            result["latent_dependence"] = latent_dependence(
+                method, task, examples, eval_config.batch_size, eval_config.max_new_tokens)
     if acc.is_main_process and run_dir is not None:
         write_predictions(run_dir / f"predictions-{name}.jsonl", rows)
-    return metrics
+    return result
 
 
 class StreamedEpoch(Sequence[Any]):

@@ -54,7 +54,9 @@ CSV_COLUMNS = ("run_dir", "task", "operands", "method", "latent_budget", "varian
                "model", "split", "accuracy", "perplexity", "n", "valid_accuracy",
                "valid_perplexity", "test_accuracy", "test_perplexity", "h_off", "silhouette",
                "trainable_parameters", "train_flops_per_example",
-               "inference_flops_per_example")
+               "inference_flops_per_example", "accuracy_latents_zeros", "accuracy_latents_mean",
+               "accuracy_latents_shuffled")
+ABLATED = ("zeros", "mean", "shuffled")  # results.json's latent_dependence (recipes.dependence)
 
 
 # ------------------------------------------------------------------------------------------
@@ -80,6 +82,11 @@ class Run:
         written before it was recorded: their `method.latent_budget` option."""
         budget = self.results.get("latent_budget", self.get("method.latent_budget"))
         return budget if isinstance(budget, int) else None
+
+    def ablated(self, split: str, kind: str) -> float | None:
+        """Accuracy with the latents replaced (`latent_dependence`), where recorded."""
+        value = ((self.results.get(split) or {}).get("latent_dependence") or {}).get(kind)
+        return float(value) if isinstance(value, int | float) else None
 
     def flops(self, which: str) -> float | None:
         """Forward FLOPs per example (`train_forward` or `inference`), where recorded."""
@@ -531,7 +538,8 @@ def _csv_row(run: Run, group: Group, split: Split) -> dict[str, Any]:
         "h_off": capture.get("h_off"), "silhouette": capture.get("silhouette"),
         "trainable_parameters": run.results.get("trainable_parameters"),
         "train_flops_per_example": run.flops("train_forward"),
-        "inference_flops_per_example": run.flops("inference")}
+        "inference_flops_per_example": run.flops("inference"),
+        **{f"accuracy_latents_{kind}": run.ablated(split, kind) for kind in ABLATED}}
 
 
 def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
@@ -548,7 +556,9 @@ def _group_summary(group: Group, split: Split) -> dict[str, Any]:
              "h_off": group.stat(lambda r: (r.capture or {}).get("h_off")),
              "silhouette": group.stat(lambda r: (r.capture or {}).get("silhouette")),
              "train_flops_per_example": group.stat(lambda r: r.flops("train_forward")),
-             "inference_flops_per_example": group.stat(lambda r: r.flops("inference"))}
+             "inference_flops_per_example": group.stat(lambda r: r.flops("inference")),
+             **{f"accuracy_latents_{kind}": group.stat(lambda r, k=kind: r.ablated(split, k))
+                for kind in ABLATED}}
     return {"task": group.task, "operands": group.operands, "method": group.method,
             "latent_budget": group.latent_budget, "variant": group.variant,
             "label": group.method_label, "seeds": [r.get("train.seed") for r in group.runs],
@@ -575,6 +585,20 @@ def _markdown(groups: Sequence[Group], plots: Sequence[Plot], split: Split,
             sil = g.stat(lambda r: (r.capture or {}).get("silhouette"))
             lines.append(f"| {g.task_label} | {g.method_label} | {_cell(h_off, '.3f')} | "
                          f"{_cell(sil, '.3f')} |")
+        lines.append("")
+    ablated = [g for g in groups if g.stat(lambda r: r.ablated(split, "zeros")) is not None]
+    if ablated:
+        lines += ["## Latent dependence", "", f"{split.capitalize()} accuracy in % with the "
+                  "latents the method inserts replaced by zeros, by their mean over the "
+                  "examples, or by another question's (`latent_dependence` in results.json): "
+                  "a method whose accuracy does not drop is not using its latents.", "",
+                  "| task | method | own latents | zeros | mean | another question's |",
+                  "|---|---|---|---|---|---|"]
+        for g in ablated:
+            cells = [_cell(g.stat(lambda r: r.score(split, "accuracy")), ".1f", 100),
+                     *(_cell(g.stat(lambda r, k=kind: r.ablated(split, k)), ".1f", 100)
+                       for kind in ABLATED)]
+            lines.append(f"| {g.task_label} | {g.method_label} | " + " | ".join(cells) + " |")
         lines.append("")
     costed = [g for g in groups if g.stat(lambda r: r.flops("train_forward"))]
     if costed:

@@ -1,0 +1,115 @@
+"""Latent-dependence ablations (`recipes.dependence`): what they put in place of the latents,
+that every method's hook feeds what it is given, and that training runs report them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from latentlab.backbones import add_special_tokens, build_backbone, train_tokenizer
+from latentlab.config import load_config
+from latentlab.methods import METHODS
+from latentlab.model_config import ModelConfig
+from latentlab.recipes import train
+from latentlab.recipes.dependence import ABLATIONS, ablated, derangement
+from latentlab.study.report import build_report
+from latentlab.tasks.base import Example
+
+EXAMPLES = [
+    Example("Numbers: 3 5 7. Target: 22.", ("3*5=15", "15+7=22"), "3*5+7"),
+    Example("Numbers: 9 2 4 8. Target: 10.", ("9-8=1", "4*2=8", "8+1=9"), "4*2+9-8"),
+    Example("Numbers: 1 2 6. Target: 9.", ("1+2=3", "3+6=9"), "1+2+6"),
+]
+TEXTS = [e.question + "\n" + "\n".join(e.steps) + "\n### " + e.answer for e in EXAMPLES] * 10
+# Methods that insert a fixed number of latents, with options that give them some.
+WITH_INPUTS: dict[str, dict[str, Any]] = {
+    "pause": {"latent_budget": 3}, "soft": {"latent_budget": 3}, "liu": {"latent_budget": 3},
+    "h1": {"latent_budget": 3}, "h2": {"latent_budget": 3},
+    "h2-kv": {"name": "h2", "latent_budget": 3, "injection": "kv"},
+    "coconut": {"max_latent_stage": 2, "thoughts_per_step": 2}, "codi": {"latent_budget": 3}}
+
+
+def make(key: str) -> Any:
+    options = dict(WITH_INPUTS[key])
+    name = options.pop("name", key)
+    cls = METHODS[name]
+    config = cls.config_class(**options)
+    tok = train_tokenizer(TEXTS, 300)
+    backbone = build_backbone(ModelConfig(name="gpt2-tiny"), tok, seed=0)
+    add_special_tokens(tok, backbone, cls.special_tokens(config))
+    torch.manual_seed(1)
+    method = cls(config, backbone, tok).eval()
+    if name == "coconut":
+        method.set_stage(2)  # the last stage: 4 thoughts at inference
+    return method
+
+
+def test_the_ablations_replace_the_latents_as_named() -> None:
+    inputs = torch.randn(5, 3, 4)
+    generator = torch.Generator().manual_seed(0)
+    assert not ablated(inputs, "zeros", generator).any()
+    mean = ablated(inputs, "mean", generator)
+    torch.testing.assert_close(mean, inputs.mean(0, keepdim=True).expand(5, 3, 4))
+    shuffled = ablated(inputs, "shuffled", generator)
+    # A permutation across the examples, moving every one: each row is another row's.
+    sources = [next(j for j in range(5) if torch.equal(shuffled[i], inputs[j]))
+               for i in range(5)]
+    assert sorted(sources) == list(range(5)) and all(s != i for i, s in enumerate(sources))
+    for n in (2, 3, 7):
+        perm = derangement(n, torch.Generator().manual_seed(n))
+        assert sorted(perm.tolist()) == list(range(n)) and not (perm == torch.arange(n)).any()
+    with pytest.raises(ValueError, match="unknown ablation"):
+        ablated(inputs, "noise", generator)
+
+
+@pytest.mark.parametrize("key", list(WITH_INPUTS))
+def test_each_method_feeds_the_latent_inputs_it_is_given(key: str) -> None:
+    method = make(key)
+    own = method.latent_inputs(EXAMPLES)
+    assert own.shape[0] == len(EXAMPLES) and method.has_latent_inputs()
+    with torch.no_grad():
+        plain = method.before_answer(EXAMPLES)
+        same = method.before_answer(EXAMPLES, own)
+        zeroed = method.before_answer(EXAMPLES, torch.zeros_like(own))
+    # Its own latents given back change nothing; zeros change what the answer reads (for
+    # pause and soft too: their slot inputs are the pause embedding or the soft vectors).
+    torch.testing.assert_close(same.logits, plain.logits)
+    assert not torch.allclose(zeroed.logits, plain.logits)
+    assert method.generate(EXAMPLES, 4, latent_inputs=own) == method.generate(EXAMPLES, 4)
+
+
+@pytest.mark.parametrize("name", ["cot", "nocot"])
+def test_methods_without_latents_refuse_replacements(name: str) -> None:
+    cls = METHODS[name]
+    config = cls.config_class()
+    tok = train_tokenizer(TEXTS, 300)
+    method = cls(config, build_backbone(ModelConfig(name="gpt2-tiny"), tok, seed=0), tok)
+    assert not method.has_latent_inputs()
+    with pytest.raises(Exception, match="has no latent inputs"):
+        method.generate(EXAMPLES, 2, latent_inputs=torch.zeros(3, 1, 4))
+
+
+def test_a_training_run_reports_its_latent_dependence(tmp_path: Path) -> None:
+    base = ["train.max_time=null", "train.warmup_steps=0", "train.eval_every=2",
+            "task.n_train=64", "task.n_valid=8", "task.n_test=8", "eval.splits=[test]",
+            "eval.max_new_tokens=8", "eval.flops_examples=0"]
+    train(load_config("configs/countdown_small_cot.yaml",
+                      [*base, f"out_dir={tmp_path / 'nocot'}", "method.name=nocot",
+                       "train.max_steps=2"]))
+    results = train(load_config("configs/countdown_small_cot.yaml", [
+        *base, f"out_dir={tmp_path / 'soft'}", "method.name=soft", "method.latent_budget=2",
+        f"model.init_from={tmp_path / 'nocot'}", "train.max_steps=2"]))
+    saved = json.loads((tmp_path / "soft" / "results.json").read_text())
+    assert saved["test"]["latent_dependence"] == results["test"]["latent_dependence"]
+    assert set(saved["test"]["latent_dependence"]) == set(ABLATIONS)
+    assert all(0.0 <= v <= 1.0 for v in saved["test"]["latent_dependence"].values())
+    nocot = json.loads((tmp_path / "nocot" / "results.json").read_text())
+    assert "latent_dependence" not in nocot["test"]  # nothing to ablate
+    report = build_report([tmp_path / "soft"], tmp_path / "report", split="test")
+    text = (report.out / "report.md").read_text()
+    zeros = saved["test"]["latent_dependence"]["zeros"]
+    assert "## Latent dependence" in text and f"| {100 * zeros:.1f} ± 0.0 (1) |" in text
