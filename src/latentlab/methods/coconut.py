@@ -293,11 +293,6 @@ class Coconut(Method):
         """After `<eot>`: completions start with any steps left, then `###`."""
         return self._think(examples, latent_inputs)[0]
 
-    @torch.no_grad()
-    def latent_inputs(self, examples: list[Example]) -> Tensor:
-        """The thoughts fed at inference, [n, thoughts, d] (`latents`)."""
-        return self.latents(examples)
-
     def has_latent_inputs(self) -> bool:
         # Models from before the first latent stage, and the ablation modes, feed none.
         return self.config.mode in FEEDBACK_MODES and self.eval_thoughts() > 0
@@ -315,6 +310,8 @@ class Coconut(Method):
                            "latent stage)", fix="analyse a run trained into a latent stage, or "
                            "set method.thoughts_at_eval")
         return torch.stack(thoughts, dim=1)
+
+    latent_inputs = latents  # the thoughts are what `_think` feeds, and takes when given
 
     def _think(self, examples: list[Example], given: Tensor | None = None
                ) -> tuple[DecodeState, list[Tensor]]:

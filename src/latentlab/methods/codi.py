@@ -234,15 +234,12 @@ class CODI(Method):
         return self._think(examples, latent_inputs)[0]
 
     @torch.no_grad()
-    def latent_inputs(self, examples: list[Example]) -> Tensor:
-        """The thoughts fed at inference, [n, N, d] (`latents`)."""
-        return self.latents(examples)
-
-    @torch.no_grad()
     def latents(self, examples: list[Example]) -> Tensor:
         """The continuous thoughts z_1..z_N of each example as inference runs them (the
         projected vectors fed as inputs): [n, N, d], for the analyses."""
         return torch.cat(self._think(examples)[1], dim=1)
+
+    latent_inputs = latents  # the thoughts are what `_think` feeds, and takes when given
 
     def _think(self, examples: list[Example], given: Tensor | None = None
                ) -> tuple[DecodeState, list[Tensor]]:
