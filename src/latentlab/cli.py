@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", type=Path, help="run directories or sweep directories")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--claims", type=Path, help="a claims file (e.g. configs/claims/papers.yaml): "
+                   "the report opens with each claim's verdict")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="a few-minute CPU comparison of every method")
@@ -302,7 +304,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from latentlab.study.report import build_report
 
-    report = build_report(args.run_dirs, args.out, split=args.split)
+    report = build_report(args.run_dirs, args.out, split=args.split, claims=args.claims)
     print(json.dumps({"report": str(report.out / "report.md"), "runs": len(report.runs),
                       "files": [str(f) for f in report.files], "skipped": report.skipped}))
     return 0

@@ -40,6 +40,7 @@ from latentlab.engine.checkpoint import atomic_write_text
 from latentlab.errors import DataError, RunError
 from latentlab.recipes.run_dir import CONFIG_FILE, RESULTS_FILE, RESUMABLE_CHANGES, RunDir
 from latentlab.recipes.run_dir import find_runs as runs_below
+from latentlab.study.claims import GROUP_FIELDS, Checked, check, claims_table, read_claims
 
 Split = Literal["valid", "test"]
 # Config keys that never make runs different experiments: what a resume may change (where a
@@ -480,11 +481,14 @@ class Report:
     files: list[Path]  # everything written, report.md first
 
 
-def build_report(paths: Sequence[str | Path], out: str | Path, split: Split = "test") -> Report:
+def build_report(paths: Sequence[str | Path], out: str | Path, split: Split = "test",
+                 claims: str | Path | None = None) -> Report:
     """Read the runs in or below `paths` and write into `out`: `report.md`, one PNG per
     figure, `results.csv` (a row per run) and `results.json` (runs, groups over seeds and the
     figures' plotted numbers). Scores are those of `split`; a run without it is left out and
-    listed. Raises `RunError` when no finished run is found."""
+    listed. With a `claims` file (`study.claims`), report.md opens with the claims table and
+    results.json holds the verdicts. Raises `RunError` when no finished run is found."""
+    claims_file = read_claims(Path(claims)) if claims is not None else None
     out = Path(out)
     runs: list[Run] = []
     skipped: list[str] = []
@@ -515,11 +519,15 @@ def build_report(paths: Sequence[str | Path], out: str | Path, split: Split = "t
         files.append(out / f"{plot.name}.png")
     rows = [_csv_row(run, group, split) for group in groups for run in group.runs]
     atomic_write_text(out / "results.csv", _csv_text(rows))
+    checked = (check(claims_file, groups, _group_value,
+                     lambda g, metric: _metric(g, metric, split)) if claims_file else [])
     atomic_write_text(out / "results.json", json.dumps({
         "split": split, "runs": rows, "groups": [_group_summary(g, split) for g in groups],
-        "figures": {p.name: asdict(p) for p in plots}, "skipped": skipped},
-        indent=1, default=str))
-    atomic_write_text(out / "report.md", _markdown(groups, plots, split, paths, skipped))
+        "figures": {p.name: asdict(p) for p in plots}, "skipped": skipped,
+        "claims": [{"id": c.claim.id, "verdict": c.verdict, "measured": c.measured}
+                   for c in checked]}, indent=1, default=str))
+    atomic_write_text(out / "report.md", _markdown(groups, plots, split, paths, skipped,
+                                                   checked))
     files += [out / "results.csv", out / "results.json"]
     return Report(out, split, runs, groups, plots, skipped, files)
 
@@ -566,16 +574,33 @@ def _group_summary(group: Group, split: Split) -> dict[str, Any]:
             **{k: asdict(v) if v else None for k, v in stats.items()}}
 
 
+def _group_value(group: Group, key: str) -> Any:
+    """A claim selector's key: a group field, or a dotted key of its runs' config."""
+    return getattr(group, key) if key in GROUP_FIELDS else group.runs[0].get(key)
+
+
+def _metric(group: Group, metric: str, split: Split) -> Stat | None:
+    if metric in ("h_off", "silhouette"):
+        return group.stat(lambda r: (r.capture or {}).get(metric))
+    return group.stat(lambda r: r.score(split, metric))
+
+
 def _markdown(groups: Sequence[Group], plots: Sequence[Plot], split: Split,
-              paths: Sequence[str | Path], skipped: Sequence[str]) -> str:
+              paths: Sequence[str | Path], skipped: Sequence[str],
+              checked: Sequence[Checked] = ()) -> str:
     lines = ["# latentlab report", "",
              f"{sum(len(g.runs) for g in groups)} runs in {len(groups)} groups from "
              f"{', '.join(f'`{p}`' for p in paths)}. Scores are on the **{split}** split; "
              "a cell is the mean ± standard deviation over seeds (sample standard deviation; "
              "0 with one seed), with the number of seeds in brackets. Raw numbers: "
              "`results.csv` (one row per run), `results.json` (runs, groups and every figure's "
-             "plotted values).", "",
-             "## Method x task", "", *_pivot(groups, split), ""]
+             "plotted values).", ""]
+    if checked:
+        lines += ["## Claims", "", "Each claim's comparisons, cell by cell, on the "
+                  f"{split} split; a difference inside the spread over seeds (the standard "
+                  "deviations added) is inconclusive (`latentlab.study.claims`).", "",
+                  *claims_table(checked), ""]
+    lines += ["## Method x task", "", *_pivot(groups, split), ""]
     geometry = [g for g in groups if g.stat(lambda r: (r.capture or {}).get("h_off"))]
     if geometry:
         lines += ["## Latent geometry (`latentlab analyze`)", "",
