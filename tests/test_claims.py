@@ -111,3 +111,17 @@ def test_the_report_opens_with_the_claims(tmp_path: Path) -> None:
     assert "| T1 | CoT answers |" in text and "**confirmed**" in text
     saved = json.loads((report.out / "results.json").read_text())["claims"]
     assert saved[0]["id"] == "T1" and saved[0]["verdict"] == "confirmed"
+
+
+def test_a_claim_reads_a_number_of_an_analysis_file(tmp_path: Path) -> None:
+    from latentlab.study.report import Group, Run, _metric
+
+    runs = [Run(tmp_path / str(i), {}, {}, {}, None,
+                {"latent_sft": {"ecr_at_k": v, "length": {"compression": 3.0 + i}}})
+            for i, v in enumerate((1.1, 1.3))]
+    group = Group("countdown", 4, "latent_sft", 32, {}, runs)
+    ecr = _metric(group, "latent_sft.ecr_at_k", "test")
+    assert ecr is not None and ecr.n == 2 and ecr.mean == pytest.approx(1.2)
+    compression = _metric(group, "latent_sft.length.compression", "test")
+    assert compression is not None and compression.mean == pytest.approx(3.5)
+    assert _metric(group, "latent_sft.missing", "test") is None

@@ -20,6 +20,10 @@ def test_demo_trains_the_base_first_and_writes_the_report(tmp_path: Path, capsys
     assert Path(saved["model"]["init_from"]) == tmp_path / "upstream-nocot"
     report = (tmp_path / "report.md").read_text()
     assert "| h1 | nocot |" in report and "| nocot | random init |" in report
+    # The latent method's row shows its accuracy with the latents replaced; the Base has none.
+    ablated = rows[1]["test_ablated"]
+    assert set(ablated) == {"zeros", "mean", "shuffled"} and rows[0]["test_ablated"] is None
+    assert " / ".join(f"{ablated[k]:.1%}" for k in ("zeros", "mean", "shuffled")) in report
     assert json.loads((tmp_path / "results.json").read_text()) == rows
     assert "| h1 |" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="has no job nope"):

@@ -8,6 +8,9 @@ cell by cell (by default per task and `N_L`):
 - `within: [A, B]` with `tolerance`: A and B at most `tolerance` apart;
 - `range: [low, high]` with `of: A`: A's metric inside the range.
 
+Metrics: `accuracy`, `perplexity`, `h_off`, `silhouette`, or any number of a run's
+`analysis/NAME.json` as `NAME.KEY[.KEY...]` (Latent-SFT's `latent_sft.ecr_at_k`).
+
 A selector is a mapping of run-config keys (dotted, e.g. `method.orthogonality`) or the group
 fields `method`, `task`, `operands`, `latent_budget` to values. The verdict of one comparison
 uses the spread over seeds (the sample standard deviations added): a difference inside it is
@@ -51,7 +54,9 @@ class Claim(BaseModel):
     claim: str = Field(description="the claim in words")
     paper: str = Field(description="the paper's own figure, for comparison")
     command: str = Field(description="what produces the runs (a sweep)")
-    metric: Literal["accuracy", "perplexity", "h_off", "silhouette"] = "accuracy"
+    metric: str = Field("accuracy", description="accuracy or perplexity (of the report's "
+                        "split), h_off or silhouette (`latentlab analyze`), or a number of an "
+                        "analysis file as NAME.KEY[.KEY...], e.g. latent_sft.ecr_at_k")
     per: list[str] = Field(default_factory=lambda: ["task", "operands", "latent_budget"],
                            description="group fields the comparisons are made within")
     order: list[dict[str, Any]] | None = None

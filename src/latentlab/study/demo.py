@@ -16,6 +16,7 @@ from typing import Any
 from latentlab.engine.checkpoint import atomic_write_text
 from latentlab.errors import RunError
 from latentlab.recipes import RunDir
+from latentlab.recipes.dependence import ABLATIONS
 from latentlab.study.sweep import SweepPlan, load_sweep, run_plan, select
 from latentlab.study.sweep.plan import UPSTREAM_PREFIX
 
@@ -49,6 +50,7 @@ def run_demo(methods: list[str] | None = None, out: Path | None = None,
                      "starts_from": ", ".join(_label(n) for n in status.needs) or "random init",
                      "valid": results["valid"]["accuracy"], "test": results["test"]["accuracy"],
                      "n_test": results["test"]["n"],
+                     "test_ablated": results["test"].get("latent_dependence"),
                      "parameters": results["trainable_parameters"],
                      "seconds": status.seconds})
     table = format_table(rows)
@@ -76,12 +78,16 @@ def _label(job_name: str) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| method | starts from | valid acc | test acc | trained params | time |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['starts_from']} | {r['valid']:.1%} | {r['test']:.1%} | "
-              f"{r['parameters']:,} | "
-              + (f"{r['seconds']:.0f} s |" if r["seconds"] is not None else "- |")
-              for r in rows]
+    """The comparison: accuracy, and test accuracy with the latents replaced (zeros, their
+    mean, another question's; `recipes.dependence`) where the method inserts latents."""
+    lines = ["| method | starts from | valid acc | test acc | test acc, latents: zeros / mean / "
+             "another question's | trained params | time |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ablated = (" / ".join(f"{r['test_ablated'][k]:.1%}" for k in ABLATIONS)
+                   if r["test_ablated"] else "-")
+        seconds = f"{r['seconds']:.0f} s" if r["seconds"] is not None else "-"
+        lines.append(f"| {r['method']} | {r['starts_from']} | {r['valid']:.1%} | "
+                     f"{r['test']:.1%} | {ablated} | {r['parameters']:,} | {seconds} |")
     return "\n".join(lines)
 
 

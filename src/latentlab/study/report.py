@@ -73,6 +73,7 @@ class Run:
     results: dict[str, Any]
     curves: dict[str, list[tuple[int, float]]]  # validation metric -> (step, value) rows
     capture: dict[str, Any] | None  # analysis/capture.json
+    analyses: dict[str, Any]  # every analysis/NAME.json, by NAME (the method's own too)
 
     def get(self, key: str) -> Any:
         return self.config.get(key)
@@ -121,8 +122,8 @@ def read_run(run_dir: Path) -> Run:
     try:
         config = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
         results = json.loads((run_dir / RESULTS_FILE).read_text(encoding="utf-8"))
-        capture_file = run_dir / "analysis" / "capture.json"
-        capture = json.loads(capture_file.read_text()) if capture_file.is_file() else None
+        analyses = {f.stem: json.loads(f.read_text(encoding="utf-8"))
+                    for f in sorted((run_dir / "analysis").glob("*.json"))}
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise DataError(f"{run_dir} has an unreadable file ({' '.join(str(exc).split())})",
                         "repair or remove it") from None
@@ -141,7 +142,8 @@ def read_run(run_dir: Path) -> Run:
         for name in ("accuracy", "perplexity"):
             if isinstance(row.get(name), int | float):
                 curves.setdefault(name, []).append((int(row["step"]), float(row[name])))
-    return Run(run_dir, flatten_dotted(config), results, curves, capture)
+    return Run(run_dir, flatten_dotted(config), results, curves, analyses.get("capture"),
+               analyses)
 
 
 # ------------------------------------------------------------------------------------------
@@ -580,9 +582,21 @@ def _group_value(group: Group, key: str) -> Any:
 
 
 def _metric(group: Group, metric: str, split: Split) -> Stat | None:
+    """A claim's metric over a group's seeds: a score of `split`, a capture number, or a
+    number of an analysis file as `NAME.KEY[.KEY...]` (`latent_sft.length.compression`)."""
+    if metric in ("accuracy", "perplexity"):
+        return group.stat(lambda r: r.score(split, metric))
     if metric in ("h_off", "silhouette"):
         return group.stat(lambda r: (r.capture or {}).get(metric))
-    return group.stat(lambda r: r.score(split, metric))
+    name, *path = metric.split(".")
+
+    def value(run: Run) -> float | None:
+        node = run.analyses.get(name)
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        return float(node) if isinstance(node, int | float) else None
+
+    return group.stat(value)
 
 
 def _markdown(groups: Sequence[Group], plots: Sequence[Plot], split: Split,
