@@ -225,3 +225,22 @@ def test_cli_report_errors_cleanly_without_runs(tmp_path: Path, capsys) -> None:
 
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "no run with config.yaml and results.json" in capsys.readouterr().err
+
+
+def test_perplexity_against_the_orthogonality_weight(tmp_path: Path) -> None:
+    from latentlab.study.report import Run, group_runs, perplexity_vs_orthogonality
+
+    def run(weight: float, seed: int, ppl: float, budget: int = 8) -> Run:
+        config = {"task.name": "text", "method.name": "liu", "method.latent_budget": budget,
+                  "method.orthogonality": weight, "train.seed": seed}
+        return Run(tmp_path / f"{weight}-{seed}-{budget}", config,
+                   {"test": {"perplexity": ppl}}, {}, None, {})
+
+    runs = [run(0.0, 0, 10.0), run(0.0, 1, 12.0), run(3.0, 0, 15.0), run(3.0, 1, 17.0),
+            run(0.0, 0, 9.0, budget=16)]  # one λ only at N_L = 16: no line for it
+    plot = perplexity_vs_orthogonality(group_runs(runs), "test")
+    assert plot is not None and list(plot.panels) == ["text"]
+    (line,) = plot.panels["text"]
+    assert line.label == "liu N_L=8" and line.x == [0.0, 3.0] and line.y == [11.0, 16.0]
+    assert line.n == [2, 2] and line.err == pytest.approx([2 ** 0.5, 2 ** 0.5])
+    assert perplexity_vs_orthogonality(group_runs(runs[:2]), "test") is None

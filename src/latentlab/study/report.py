@@ -58,6 +58,7 @@ CSV_COLUMNS = ("run_dir", "task", "operands", "method", "latent_budget", "varian
                "inference_flops_per_example", "accuracy_latents_zeros", "accuracy_latents_mean",
                "accuracy_latents_shuffled")
 ABLATED = ("zeros", "mean", "shuffled")  # results.json's latent_dependence (recipes.dependence)
+ORTHOGONALITY = "method.orthogonality"  # the weight λ of the orthogonality figure
 
 
 # ------------------------------------------------------------------------------------------
@@ -297,6 +298,33 @@ def accuracy_vs_latents(groups: Sequence[Group], split: Split) -> Plot | None:
                 panels=panels, share=True)
 
 
+def perplexity_vs_orthogonality(groups: Sequence[Group], split: Split) -> Plot | None:
+    """Perplexity against the orthogonality weight λ, a panel per task, a line per method and
+    `N_L` (paper A: the penalty's cost in text perplexity); drawn when some line has two λ."""
+    panels: dict[str, list[Line]] = {}
+    for task in _unique(g.task_label for g in groups):
+        lines: dict[str, dict[float, Stat]] = {}
+        for g in groups:
+            weight = g.runs[0].get(ORTHOGONALITY)
+            stat = g.stat(lambda r: r.score(split, "perplexity"))
+            if g.task_label == task and isinstance(weight, int | float) and stat:
+                rest = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in g.variant.items()
+                                 if k != ORTHOGONALITY)
+                label = (g.method + (f" N_L={g.latent_budget}" if g.latent_budget else "")
+                         + (f" ({rest})" if rest else ""))
+                lines.setdefault(label, {})[float(weight)] = stat
+        kept = [_line(label, points) for label, points in lines.items() if len(points) > 1]
+        if kept:
+            panels[task] = kept
+    if not panels:
+        return None
+    return Plot("perplexity_vs_orthogonality", f"{split} perplexity against the orthogonality "
+                "weight", f"{split.capitalize()} perplexity against λ "
+                "(`method.orthogonality`), per task, one line per method and `N_L`; means over "
+                "seeds, bars one standard deviation.", "orthogonality weight λ",
+                f"{split} perplexity", panels=panels)
+
+
 def countdown_by_operands(groups: Sequence[Group], split: Split) -> Plot | None:
     """Countdown accuracy against the operand count, a panel per method, a line per `N_L`."""
     panels: dict[str, dict[str, dict[float, Stat]]] = {}
@@ -512,7 +540,8 @@ def build_report(paths: Sequence[str | Path], out: str | Path, split: Split = "t
     groups = group_runs(runs)
     candidates = [accuracy_vs_latents(groups, split), countdown_by_operands(groups, split),
                   validation_curves(groups, "accuracy"), validation_curves(groups, "perplexity"),
-                  perplexity_by_position(groups, split), capture_heatmaps(groups)]
+                  perplexity_by_position(groups, split), perplexity_vs_orthogonality(groups, split),
+                  capture_heatmaps(groups)]
     plots = [p for p in candidates if p is not None]
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.md"]
