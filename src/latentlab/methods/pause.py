@@ -69,8 +69,9 @@ class Pause(Method):
         hidden = right_padded_states(self.backbone, self.embed(ids))
         loss, metrics = part_lm_loss(self.backbone, hidden, batch)
         metrics["lm_loss"] = loss.detach()
-        loss = with_orthogonality(loss, metrics, self.slot_states(ids, hidden),
-                                  self.config.orthogonality)
+        if self.config.orthogonality:  # slot_states reads the ids on the host: only when used
+            loss = with_orthogonality(loss, metrics, self.slot_states(ids, hidden),
+                                      self.config.orthogonality)
         return StepOutput(loss, metrics)
 
     def slot_states(self, ids: Tensor, hidden: Tensor) -> Tensor:
