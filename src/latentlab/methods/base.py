@@ -223,7 +223,8 @@ class Method(nn.Module, ABC):
         """The decoding state from which the model writes its completion: the prompt read
         (methods with latents, thoughts or a coprocessor add theirs here, or the
         `latent_inputs` given in their place)."""
-        self._no_latent_inputs(latent_inputs)
+        if latent_inputs is not None:  # a method that feeds latents has its own before_answer
+            raise self._no_latent_inputs()
         prompts = [self.prompt_ids(e) for e in examples]
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id, self.device)
         return prefill(self.backbone, mask, inputs_embeds=self.embed(ids))
@@ -233,16 +234,15 @@ class Method(nn.Module, ABC):
         ([n, ...]: the vectors it feeds or injects): what the latent-dependence ablations
         replace through `generate(..., latent_inputs=...)`. Methods that insert a fixed number
         of latents implement it."""
-        raise RunError(f"method {self.name!r} has no latent inputs to replace",
-                       fix="ablate the latents of a method that inserts a fixed number")
+        raise self._no_latent_inputs()
 
     def has_latent_inputs(self) -> bool:
         """Whether this model inserts latents `latent_inputs` can return."""
         return type(self).latent_inputs is not Method.latent_inputs
 
-    def _no_latent_inputs(self, latent_inputs: Tensor | None) -> None:
-        if latent_inputs is not None and not self.has_latent_inputs():
-            self.latent_inputs([])  # raises: the method has none
+    def _no_latent_inputs(self) -> RunError:
+        return RunError(f"method {self.name!r} has no latent inputs to replace",
+                        fix="ablate the latents of a method that inserts a fixed number")
 
     def generate_with_steps(self, examples: list[Example],
                             max_new_tokens: int) -> tuple[list[str], list[int | None]]:

@@ -88,17 +88,21 @@ class Run:
 
     def ablated(self, split: str, kind: str) -> float | None:
         """Accuracy with the latents replaced (`latent_dependence`), where recorded."""
-        value = ((self.results.get(split) or {}).get("latent_dependence") or {}).get(kind)
-        return float(value) if isinstance(value, int | float) else None
+        return number_at(self.results, split, "latent_dependence", kind)
 
     def flops(self, which: str) -> float | None:
         """Forward FLOPs per example (`train_forward` or `inference`), where recorded."""
-        value = (self.results.get("flops_per_example") or {}).get(which)
-        return float(value) if isinstance(value, int | float) else None
+        return number_at(self.results, "flops_per_example", which)
 
     def score(self, split: str, metric: str) -> float | None:
-        value = (self.results.get(split) or {}).get(metric)
-        return float(value) if isinstance(value, int | float) else None
+        return number_at(self.results, split, metric)
+
+
+def number_at(node: Any, *keys: str) -> float | None:
+    """The number under `keys` in nested mappings (a run's results or analyses), else None."""
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return float(node) if isinstance(node, int | float) else None
 
 
 def find_runs(paths: Iterable[Path]) -> list[Path]:
@@ -183,12 +187,21 @@ class Group:
     @property
     def method_label(self) -> str:
         """Method, `N_L` and variant: what one line or table row stands for."""
+        return self.label()
+
+    def label(self, without: str | None = None) -> str:
+        """`method_label` less the variant key `without` (the axis a figure plots)."""
+        variant = self.variant_text_without(without)
         text = self.method + (f" N_L={self.latent_budget}" if self.latent_budget else "")
-        return text + (f" ({self.variant_text})" if self.variant else "")
+        return text + (f" ({variant})" if variant else "")
 
     @property
     def variant_text(self) -> str:
-        return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.variant.items())
+        return self.variant_text_without(None)
+
+    def variant_text_without(self, without: str | None) -> str:
+        return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.variant.items()
+                         if k != without)
 
     def stat(self, value: Callable[[Run], float | None]) -> Stat | None:
         values = [v for v in map(value, self.runs) if v is not None]
@@ -308,11 +321,7 @@ def perplexity_vs_orthogonality(groups: Sequence[Group], split: Split) -> Plot |
             weight = g.runs[0].get(ORTHOGONALITY)
             stat = g.stat(lambda r: r.score(split, "perplexity"))
             if g.task_label == task and isinstance(weight, int | float) and stat:
-                rest = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in g.variant.items()
-                                 if k != ORTHOGONALITY)
-                label = (g.method + (f" N_L={g.latent_budget}" if g.latent_budget else "")
-                         + (f" ({rest})" if rest else ""))
-                lines.setdefault(label, {})[float(weight)] = stat
+                lines.setdefault(g.label(without=ORTHOGONALITY), {})[float(weight)] = stat
         kept = [_line(label, points) for label, points in lines.items() if len(points) > 1]
         if kept:
             panels[task] = kept
@@ -617,15 +626,7 @@ def _metric(group: Group, metric: str, split: Split) -> Stat | None:
         return group.stat(lambda r: r.score(split, metric))
     if metric in ("h_off", "silhouette"):
         return group.stat(lambda r: (r.capture or {}).get(metric))
-    name, *path = metric.split(".")
-
-    def value(run: Run) -> float | None:
-        node = run.analyses.get(name)
-        for key in path:
-            node = node.get(key) if isinstance(node, dict) else None
-        return float(node) if isinstance(node, int | float) else None
-
-    return group.stat(value)
+    return group.stat(lambda r: number_at(r.analyses, *metric.split(".")))
 
 
 def _markdown(groups: Sequence[Group], plots: Sequence[Plot], split: Split,
