@@ -13,6 +13,7 @@ import torch
 import yaml
 from torch import nn
 
+from latentlab.config import RunConfig, load_config
 from latentlab.engine.config import TrainConfig
 from latentlab.engine.interface import Stage, StepOutput
 from latentlab.engine.trainer import WALL_CLOCK_KEYS, Trainer
@@ -26,6 +27,16 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip("reference data ../shared/data not found; set LATENTLAB_SHARED")
     return path
+
+
+def quick_run(out_dir: Path, *overrides: str) -> RunConfig:
+    """The quick start's config (configs/countdown_small_cot.yaml) cut to two steps on 64
+    examples, scored on 8 test problems, FLOPs not counted: for tests that need the files of
+    a finished run. `overrides` come last."""
+    return load_config(Path(__file__).parents[1] / "configs" / "countdown_small_cot.yaml", [
+        "train.max_time=null", "train.warmup_steps=0", "train.eval_every=2", "train.max_steps=2",
+        "task.n_train=64", "task.n_valid=8", "task.n_test=8", "eval.splits=[test]",
+        "eval.max_new_tokens=8", "eval.flops_examples=0", f"out_dir={out_dir}", *overrides])
 
 
 # A tiny Countdown CoT run whose 12 steps cross two epoch boundaries, checkpoint every 2 steps,

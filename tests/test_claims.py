@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import quick_run
 
 from latentlab.errors import ConfigError
 from latentlab.study.claims import (
@@ -92,16 +93,11 @@ def test_the_shipped_claims_file_is_valid_and_mistakes_are_named(tmp_path: Path)
 
 
 def test_the_report_opens_with_the_claims(tmp_path: Path) -> None:
-    from latentlab.config import load_config
     from latentlab.recipes import train
     from latentlab.study.report import build_report
 
-    common = ["train.max_time=null", "train.warmup_steps=0", "train.eval_every=2",
-              "train.max_steps=2", "task.n_train=64", "task.n_valid=8", "task.n_test=8",
-              "eval.splits=[test]", "eval.max_new_tokens=8", "eval.flops_examples=0"]
     for seed in (0, 1):
-        train(load_config("configs/countdown_small_cot.yaml", [
-            *common, f"out_dir={tmp_path / 'runs' / f'cot-{seed}'}", f"train.seed={seed}"]))
+        train(quick_run(tmp_path / "runs" / f"cot-{seed}", f"train.seed={seed}"))
     claims = tmp_path / "claims.yaml"
     claims.write_text("claims:\n  - {id: T1, claim: CoT answers, paper: '-', command: cmd, "
                       "per: [task], range: [0.0, 1.0], of: {method: cot}}\n")

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import torch
+from conftest import quick_run
 
 from latentlab.backbones import add_special_tokens, build_backbone, train_tokenizer
-from latentlab.config import load_config
 from latentlab.engine.generation import greedy_decode, left_pad, prefill
 from latentlab.methods.base import IGNORE, LABEL_BUCKET
 from latentlab.methods.coprocessor import Liu, LiuConfig
@@ -88,11 +88,7 @@ def test_a_coprocessor_step_matches_a_hand_count() -> None:
 
 
 def test_results_report_the_flops_of_the_best_model(tmp_path: Path) -> None:
-    config = load_config("configs/countdown_small_cot.yaml", [
-        f"out_dir={tmp_path}", "train.max_steps=2", "train.max_time=null", "train.eval_every=2",
-        "train.warmup_steps=0",
-        "task.n_train=64", "task.n_valid=8", "task.n_test=8", "eval.splits=[test]",
-        "eval.flops_examples=2", "eval.max_new_tokens=8"])
+    config = quick_run(tmp_path, "eval.flops_examples=2")
     results = train(config)
     flops = json.loads((tmp_path / "results.json").read_text())["flops_per_example"]
     assert flops == results["flops_per_example"]

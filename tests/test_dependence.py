@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import quick_run
 
 from latentlab.backbones import add_special_tokens, build_backbone, train_tokenizer
-from latentlab.config import load_config
 from latentlab.methods import METHODS
 from latentlab.model_config import ModelConfig
 from latentlab.recipes import train
@@ -94,15 +94,9 @@ def test_methods_without_latents_refuse_replacements(name: str) -> None:
 
 
 def test_a_training_run_reports_its_latent_dependence(tmp_path: Path) -> None:
-    base = ["train.max_time=null", "train.warmup_steps=0", "train.eval_every=2",
-            "task.n_train=64", "task.n_valid=8", "task.n_test=8", "eval.splits=[test]",
-            "eval.max_new_tokens=8", "eval.flops_examples=0"]
-    train(load_config("configs/countdown_small_cot.yaml",
-                      [*base, f"out_dir={tmp_path / 'nocot'}", "method.name=nocot",
-                       "train.max_steps=2"]))
-    results = train(load_config("configs/countdown_small_cot.yaml", [
-        *base, f"out_dir={tmp_path / 'soft'}", "method.name=soft", "method.latent_budget=2",
-        f"model.init_from={tmp_path / 'nocot'}", "train.max_steps=2"]))
+    train(quick_run(tmp_path / "nocot", "method.name=nocot"))
+    results = train(quick_run(tmp_path / "soft", "method.name=soft", "method.latent_budget=2",
+                              f"model.init_from={tmp_path / 'nocot'}"))
     saved = json.loads((tmp_path / "soft" / "results.json").read_text())
     assert saved["test"]["latent_dependence"] == results["test"]["latent_dependence"]
     assert set(saved["test"]["latent_dependence"]) == set(ABLATIONS)
