@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 
 from latentlab.cli import main
 from latentlab.config import load_config
+from latentlab.methods import METHODS
 from latentlab.recipes import train
+from latentlab.tasks import build_task
 
 TINY = {
     "task": {"name": "countdown", "operands": 3, "max_operand": 9, "min_target": 10,
@@ -96,7 +98,7 @@ def test_init_from_starts_a_new_method_from_an_earlier_runs_best_model(tmp_path:
     assert method.tokenizer.get_vocab() == base.tokenizer.get_vocab()
 
 
-@pytest.mark.parametrize("method", sorted(__import__("latentlab.methods").methods.METHODS))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_trains_saves_reloads_and_generates(tmp_path: Path, method: str) -> None:
     from latentlab.recipes import load_run
 
@@ -135,3 +137,58 @@ def test_resume_is_exact_for_a_run_started_from_another(tmp_path: Path) -> None:
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "interrupted")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert runs["straight"]["test"] == runs["interrupted"]["test"]
+
+
+@pytest.mark.parametrize("option,device,cuda_graphs,method,expected", [
+    ("auto", "cuda", False, "cot", True),
+    ("auto", "cuda", False, "pause", True),
+    ("auto", "cuda", False, "coconut", False),  # a graph per pass form: minutes of compiling
+    ("auto", "cuda", True, "cot", False),  # CUDA graphs record the eager step
+    ("auto", "cpu", False, "cot", False),
+    ("true", "cpu", False, "coconut", True),
+    ("false", "cuda", False, "cot", False),
+])
+def test_model_compile_auto_compiles_on_cuda_the_methods_it_pays_for(
+        tmp_path: Path, option: str, device: str, cuda_graphs: bool, method: str,
+        expected: bool) -> None:
+    from latentlab.recipes.building import compiles, method_class
+
+    config = tiny(tmp_path, f"model.compile={option}", f"method.name={method}",
+                  f"train.cuda_graphs={str(cuda_graphs).lower()}")
+    assert compiles(config, method_class(config), device) is expected
+
+
+@pytest.mark.parametrize("method", sorted(name for name, cls in METHODS.items()
+                                          if cls.compile_pays))
+def test_methods_compiled_by_default_give_the_eager_loss_and_gradients(tmp_path: Path,
+                                                                       method: str) -> None:
+    """What `model.compile: auto` compiles on CUDA computes what the eager step computes
+    (checked on CPU, where the compiled graphs run the same decompositions)."""
+    from latentlab.backbones import compile_transformers
+    from latentlab.methods.base import answer_text, prompt_text, steps_text
+    from latentlab.recipes.building import build_method
+
+    config = tiny(tmp_path, f"method.name={method}")
+    task = build_task(config.task)
+    examples = task.load("train")
+    model = build_method(config, (prompt_text(e) + steps_text(e.steps) + answer_text(e)
+                                  for e in examples), tmp_path).eval()  # no dropout
+    batch = model.collate([model.encode(e) for e in examples[:4]])
+
+    def loss_and_gradients() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        loss = model(batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                               if p.grad is not None}
+
+    eager_loss, eager_grads = loss_and_gradients()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compile_transformers(model)
+    loss, grads = loss_and_gradients()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled code ran
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == eager_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)

@@ -58,7 +58,7 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _one_way_to_cut_launches(self) -> RunConfig:
-        if self.train.cuda_graphs and self.model.compile:
+        if self.train.cuda_graphs and self.model.compile is True:
             raise ValueError("train.cuda_graphs and model.compile are not supported together; "
                              "choose one")
         return self

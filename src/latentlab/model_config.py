@@ -23,7 +23,8 @@ class ModelConfig(Section):
     preset_overrides: dict[str, Any] = Field(default_factory=dict, description="architecture "
                                              "fields changed on a preset, e.g. {n_layer: 4}")
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
-    compile: bool = Field(False, description="torch.compile each Hugging Face model's "
-                          "transformer body (dynamic shapes): fused kernels, a plain GPT-2 "
-                          "small step 1.5x faster on an H100; compiling takes minutes "
-                          "(docs/results.md)")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile each Hugging Face model's transformer body (dynamic "
+        "shapes): 'auto' on a CUDA device (a step on the task shapes about 4x the eager one, a "
+        "GPT-2 small text step 1.5x, on an H200; about a minute of compiling first), true on "
+        "any device, false never (docs/results.md, 'Training throughput')")

@@ -15,10 +15,10 @@ the same strings and scoring never depends on the method.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypedDict
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -68,7 +68,24 @@ class LatentConfig(MethodConfig):
 
 
 Features = dict[str, Any]
-Batch = dict[str, Any]
+# What `collate` returns and `forward` reads: a method's own TypedDict (below, and beside each
+# method); the engine sees only a mapping of tensors and host values.
+Batch = Mapping[str, Any]
+
+
+class TokenBatch(TypedDict, total=False):
+    """Token rows, right-padded or packed (`Method.collate_rows`): every method that trains on
+    one token sequence per example (CoT, No-CoT, pause, soft) and the token part of others."""
+
+    input_ids: Tensor  # [B, T]
+    labels: Tensor  # [B, T], IGNORE where no loss; labels[t] is predicted from column t-1
+    label_index: Tensor  # flat positions whose next column is labelled (see `lm_loss`)
+    num_tokens: int  # real tokens read, for tokens/s
+    attention_mask: Tensor  # [B, T], 1 on real tokens (rows of one example each)
+    position_ids: Tensor  # [B, T], restarting at each example (packed rows)
+    parts: Tensor  # [B, T], the part id of each token (reasoning examples; `PARTS`)
+    part_counts: Tensor  # labelled targets per part id
+    parts_present: tuple[str, ...]  # names of the parts with labels, read on the host
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,11 @@ class Method(nn.Module, ABC):
     # Batch widths are rounded up to a multiple of this (a method may make it an option): fewer
     # distinct shapes, so that train.cuda_graphs replays more and records less.
     pad_to_multiple: int = 1
+    # Whether `model.compile: auto` compiles the bodies on CUDA: true where a training step is
+    # one pass of the body over the batch (a few graphs, a minute of compiling, then a step
+    # about 4x faster on the task shapes); methods with several passes of growing caches
+    # compile a graph per pass form (Coconut: 8 graphs, about 8 minutes) and stay eager.
+    compile_pays: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, backbone: PreTrainedModel,
                  tokenizer: PreTrainedTokenizerBase) -> None:
@@ -141,7 +163,7 @@ class Method(nn.Module, ABC):
         model reads for it (methods whose features hold several override this)."""
         return len(features["input_ids"])
 
-    def collate(self, features: list[Features]) -> Batch:
+    def collate(self, features: list[Features]) -> TokenBatch:
         """Right-pad `input_ids`/`labels`/`parts` into a batch; `num_tokens` counts real
         tokens, `label_index` locates the labels for the loss, `part_counts` counts them by
         part (see `part_lm_loss`)."""
@@ -149,7 +171,7 @@ class Method(nn.Module, ABC):
         return self.collate_rows(features, [[i] for i in range(len(features))], longest)
 
     def collate_rows(self, features: list[Features], rows: list[list[int]], width: int,
-                     packed: bool = False, offsets: list[int] | None = None) -> Batch:
+                     packed: bool = False, offsets: list[int] | None = None) -> TokenBatch:
         """A batch of `width` columns whose row r holds the examples `rows[r]` one after the
         other, after `offsets[r]` columns of padding (left padding that aligns a column across
         rows, e.g. Coconut's `<bot>`; default none), then padding. Packed (several examples a
@@ -176,9 +198,12 @@ class Method(nn.Module, ABC):
                 positions[row, start:start + n] = torch.arange(n)
                 start += n
             positions[row, start:] = torch.arange(width - start)  # padding: a sequence apart
-        batch = {"input_ids": ids, "labels": labels, "label_index": label_index(labels),
-                 "num_tokens": int(mask.sum())}
-        batch.update({"position_ids": positions} if packed else {"attention_mask": mask})
+        batch = TokenBatch(input_ids=ids, labels=labels, label_index=label_index(labels),
+                           num_tokens=int(mask.sum()))
+        if packed:
+            batch["position_ids"] = positions
+        else:
+            batch["attention_mask"] = mask
         if "parts" in features[0]:
             batch.update(part_fields(labels, parts))
         return batch
@@ -385,13 +410,13 @@ def part_id(part: Part | None) -> int:
     return PARTS.index(part) + 1 if part else 0
 
 
-def part_fields(labels: Tensor, parts: Tensor) -> dict[str, Any]:
+def part_fields(labels: Tensor, parts: Tensor) -> TokenBatch:
     """A batch's `parts` [B, T], `part_counts` (labelled targets per part id, float, so that
     the loss divides on the device) and `parts_present` (names, read on the host)."""
     targets = parts[:, 1:][labels[:, 1:] != IGNORE]
     counts = torch.bincount(targets, minlength=len(PARTS) + 1).float()
     present = tuple(name for i, name in enumerate(PARTS, 1) if counts[i] > 0)
-    return {"parts": parts, "part_counts": counts, "parts_present": present}
+    return TokenBatch(parts=parts, part_counts=counts, parts_present=present)
 
 
 def right_padded_states(backbone: PreTrainedModel, embeds: Tensor,

@@ -43,12 +43,12 @@ from latentlab.engine.generation import (
 from latentlab.errors import ConfigError, RunError
 from latentlab.latents import with_orthogonality
 from latentlab.methods.base import (
-    Batch,
     Features,
     Method,
     MethodConfig,
     Stage,
     StepOutput,
+    TokenBatch,
     answer_text,
     part_lm_loss,
     right_padded_states,
@@ -67,6 +67,15 @@ STAGE_KEY = "latent_stage"  # entry of method.safetensors holding the exported m
 Mode = Literal["coconut", "no_curriculum", "no_thought", "pause_as_thought"]
 # Modes whose thoughts are fed-back hidden states (the others are ordinary token sequences).
 FEEDBACK_MODES: frozenset[str] = frozenset({"coconut", "no_curriculum"})
+
+
+class CoconutBatch(TokenBatch, total=False):
+    """`TokenBatch` plus what the feedback passes need (`Coconut.collate`)."""
+
+    thoughts: Tensor  # [B]: the thoughts of each row
+    bot: int  # the column every row's <bot> shares (rows shifted right to align them)
+    max_thoughts: int  # the most thoughts of any row: the feedback passes to run
+    left_padded: bool  # whether any row was shifted (then attention_mask matters)
 
 
 class CoconutConfig(MethodConfig):
@@ -224,13 +233,13 @@ class Coconut(Method):
         features["bot"] = len(prompt)
         return features
 
-    def collate(self, features: list[Features]) -> Batch:
+    def collate(self, features: list[Features]) -> CoconutBatch:
         """Without fed-back thoughts: the right-padded batch of every method. With them: rows
         shifted right so that all `<bot>` tokens share one column (left padding), then
         right-padded; `attention_mask` marks the real tokens."""
         most = max(f["thoughts"] for f in features)
         if most == 0:
-            return {**super().collate(features), "max_thoughts": 0}
+            return CoconutBatch(**super().collate(features), max_thoughts=0)
         bot = round_up(max(f["bot"] for f in features), self.pad_to_multiple)
         shifts = [bot - f["bot"] for f in features]
         width = round_up(max(s + len(f["input_ids"]) for s, f in zip(shifts, features,
@@ -238,11 +247,11 @@ class Coconut(Method):
                          self.pad_to_multiple)
         batch = self.collate_rows(features, [[i] for i in range(len(features))], width,
                                   offsets=shifts)
-        return {**batch, "thoughts": torch.tensor([f["thoughts"] for f in features]),
-                "bot": bot, "max_thoughts": most, "left_padded": any(shifts)}
+        return CoconutBatch(**batch, thoughts=torch.tensor([f["thoughts"] for f in features]),
+                            bot=bot, max_thoughts=most, left_padded=any(shifts))
 
     # -- training --------------------------------------------------------------------------
-    def forward(self, batch: Batch) -> StepOutput:
+    def forward(self, batch: CoconutBatch) -> StepOutput:
         hidden = self.hidden_states(batch)
         loss, metrics = part_lm_loss(self.backbone, hidden, batch)
         n = batch["max_thoughts"]
@@ -254,7 +263,7 @@ class Coconut(Method):
             loss = with_orthogonality(loss, metrics, thoughts, self.config.orthogonality, valid)
         return StepOutput(loss, metrics)
 
-    def hidden_states(self, batch: Batch) -> Tensor:
+    def hidden_states(self, batch: CoconutBatch) -> Tensor:
         """Last-layer states of every column of a collated batch, thoughts fed back.
 
         Pass 0 covers columns [0, bot]; pass j (1..n-1) the single column bot+j; the last pass

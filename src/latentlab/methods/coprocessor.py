@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import random
 import zlib
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import torch
 from pydantic import Field
@@ -51,16 +51,34 @@ from latentlab.engine.generation import (
 from latentlab.errors import ConfigError
 from latentlab.latents import with_orthogonality
 from latentlab.methods.base import (
-    Batch,
     Features,
     LatentConfig,
     Method,
     StepOutput,
+    TokenBatch,
     part_fields,
     part_id,
     part_lm_loss,
 )
 from latentlab.tasks.base import Example
+
+
+class CoprocessorBatch(TokenBatch, total=False):
+    """A reasoning batch (`Coprocessor.collate`): prompts left-padded, so that every row's
+    augmentation point is the last prompt column; `labels` and `parts` span one column more
+    than `target_ids` (the injection's last column, which predicts the first target)."""
+
+    prompt_ids: Tensor  # [B, P]
+    prompt_mask: Tensor  # [B, P], 1 on real tokens
+    target_ids: Tensor  # [B, T]: steps (when kept) and answer, right-padded
+
+
+class TextWindowBatch(TypedDict):
+    """A pretraining batch: full text windows and the augmentation points of each."""
+
+    text_ids: Tensor  # [B, T]
+    points: Tensor  # [B, M]: sorted positions after which latents are inserted
+    num_tokens: int
 
 
 class CoprocessorConfig(LatentConfig):
@@ -165,13 +183,13 @@ class Coprocessor(Method):
             return len(features["text_ids"])
         return len(features["prompt_ids"]) + len(features["target_ids"])
 
-    def collate(self, features: list[Features]) -> Batch:
+    def collate(self, features: list[Features]) -> CoprocessorBatch | TextWindowBatch:
         """Prompts left-padded (every augmentation point in the same column), targets
         right-padded after the latents; text windows stacked as they are."""
         if "text_ids" in features[0]:
             ids = torch.tensor([f["text_ids"] for f in features])
-            return {"text_ids": ids, "points": torch.tensor([f["points"] for f in features]),
-                    "num_tokens": ids.numel()}
+            return TextWindowBatch(text_ids=ids, num_tokens=ids.numel(),
+                                   points=torch.tensor([f["points"] for f in features]))
         prompt, prompt_mask = left_pad([f["prompt_ids"] for f in features],
                                        self.tokenizer.pad_token_id)
         targets = [{"input_ids": f["target_ids"], "labels": f["target_ids"],
@@ -184,9 +202,9 @@ class Coprocessor(Method):
                                  offsets=[1] * len(targets))
         n_tokens = (int(prompt_mask.sum()) + rows["num_tokens"]
                     + self.config.latent_budget * len(features))
-        return {"prompt_ids": prompt, "prompt_mask": prompt_mask,
-                "target_ids": rows["input_ids"][:, 1:], "labels": rows["labels"],
-                "num_tokens": n_tokens, **part_fields(rows["labels"], rows["parts"])}
+        return CoprocessorBatch(prompt_ids=prompt, prompt_mask=prompt_mask,
+                                target_ids=rows["input_ids"][:, 1:], labels=rows["labels"],
+                                num_tokens=n_tokens, **part_fields(rows["labels"], rows["parts"]))
 
     # -- the three passes --------------------------------------------------------------------
     def read_prompt(self, prompt_ids: Tensor, prompt_mask: Tensor) -> DecodeState:
@@ -224,7 +242,7 @@ class Coprocessor(Method):
         ones = state.attention_mask.new_ones((batch, embeds.shape[1]))
         return extend(self.backbone, state, ones, inputs_embeds=embeds), head.shape[1]
 
-    def forward(self, batch: Batch) -> StepOutput:
+    def forward(self, batch: CoprocessorBatch | TextWindowBatch) -> StepOutput:
         if "text_ids" in batch:
             return self.pretrain_forward(batch)
         state = self.read_prompt(batch["prompt_ids"], batch["prompt_mask"])
@@ -236,14 +254,14 @@ class Coprocessor(Method):
                           metrics)
 
     # -- text pretraining (paper B) ------------------------------------------------------------
-    def pretrain_forward(self, batch: Batch) -> StepOutput:
+    def pretrain_forward(self, batch: TextWindowBatch) -> StepOutput:
         nll, latents = self.ahead_nll(batch["text_ids"], batch["points"])
         loss = nll.mean()
         metrics = {"lm_loss": loss.detach()}
         return StepOutput(with_orthogonality(loss, metrics, latents.flatten(0, 1),
                                              self.config.orthogonality), metrics)
 
-    def text_nll(self, batch: Batch) -> dict[str, Tensor]:
+    def text_nll(self, batch: TextWindowBatch) -> dict[str, Tensor]:
         """NLL of the k-th token after the latents [B, M, N_A], and the Base's own NLL of the
         same tokens without latents (B, Table 1 reports the relative change)."""
         text, points = batch["text_ids"], batch["points"]

@@ -12,11 +12,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from latentlab.methods.base import (
-    Batch,
     Features,
     Method,
     MethodConfig,
     StepOutput,
+    TokenBatch,
     pack_rows,
     part_lm_loss,
     right_padded_states,
@@ -47,6 +47,7 @@ class NoCoTConfig(CoTConfig):
 class CoT(Method):
     name = "cot"
     config_class = CoTConfig
+    compile_pays = True
     config: CoTConfig
     keep_steps: ClassVar[bool] = True
 
@@ -59,20 +60,20 @@ class CoT(Method):
         """Plain next-token prediction on the window (the Base's pretraining)."""
         return {"input_ids": ids, "labels": ids}
 
-    def text_nll(self, batch: Batch) -> dict[str, Tensor]:
+    def text_nll(self, batch: TokenBatch) -> dict[str, Tensor]:
         ids = batch["input_ids"]
         logits = self.backbone(input_ids=ids).logits[:, :-1].float()
         nll = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         return {"nll": nll}
 
-    def collate(self, features: list[Features]) -> Batch:
+    def collate(self, features: list[Features]) -> TokenBatch:
         if not self.config.packing or "parts" not in features[0]:  # text windows are full
             return super().collate(features)
         width = max(len(f["input_ids"]) for f in features)
         rows = pack_rows([len(f["input_ids"]) for f in features], width)
         return self.collate_rows(features, rows, width, packed=True)
 
-    def forward(self, batch: Batch) -> StepOutput:
+    def forward(self, batch: TokenBatch) -> StepOutput:
         embeds = self.backbone.get_input_embeddings()(batch["input_ids"])
         hidden = right_padded_states(self.backbone, embeds, batch.get("position_ids"))
         return StepOutput(*part_lm_loss(self.backbone, hidden, batch, self.config.question_loss))

@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from latentlab.engine.generation import DecodeState, left_pad, prefill
 from latentlab.latents import with_orthogonality
 from latentlab.methods.base import (
-    Batch,
     Features,
     LatentConfig,
     Method,
     StepOutput,
+    TokenBatch,
     part_lm_loss,
     prompt_text,
     right_padded_states,
@@ -47,6 +47,7 @@ class SoftEmbeddingConfig(LatentConfig):
 class Pause(Method):
     name = "pause"
     config_class = PauseConfig
+    compile_pays = True
     slot_token: ClassVar[str] = "<pause>"
 
     @classmethod
@@ -64,7 +65,7 @@ class Pause(Method):
         return sequence([(self.prompt_ids(example), None),
                          *self.target_pieces(example, self.config.keep_steps)])
 
-    def forward(self, batch: Batch) -> StepOutput:
+    def forward(self, batch: TokenBatch) -> StepOutput:
         ids = batch["input_ids"]
         hidden = right_padded_states(self.backbone, self.embed(ids))
         loss, metrics = part_lm_loss(self.backbone, hidden, batch)

@@ -61,6 +61,15 @@ def method_class(config: RunConfig) -> type[Method]:
     return METHODS[config.method.name].implementation(config.method)
 
 
+def compiles(config: RunConfig, cls: type[Method], device_type: str) -> bool:
+    """Whether a training run compiles its bodies: `model.compile`, where 'auto' compiles on
+    CUDA the methods whose step it pays for (`Method.compile_pays`), and not under CUDA graphs
+    (they record the eager step)."""
+    if config.model.compile == "auto":
+        return device_type == "cuda" and cls.compile_pays and not config.train.cuda_graphs
+    return config.model.compile
+
+
 def build_method(config: RunConfig, training_texts: Iterable[str], run_dir: Path) -> Method:
     """Tokenizer (the run's own on resume), backbone, special tokens, method."""
     cls = method_class(config)
@@ -89,7 +98,7 @@ def build_method(config: RunConfig, training_texts: Iterable[str], run_dir: Path
         open_upstream(method, option)
     if new_tokenizer is not None and PartialState().is_main_process:  # one writer per run
         replace_dir(saved, new_tokenizer.save_pretrained)
-    if config.model.compile:
+    if compiles(config, cls, PartialState().device.type):
         compile_transformers(method)
     return method
 
@@ -135,7 +144,7 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[Method,
     method = cls(config.method, backbone, tokenizer)
     method.load_extra_state(best)
     method.run_opener = partial(open_upstream, method)
-    if config.model.compile:
+    if config.model.compile is True:  # scoring alone: a minute of compiling would not pay
         compile_transformers(method)
     return method.to(device).eval(), config
 

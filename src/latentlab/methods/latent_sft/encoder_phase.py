@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from pydantic import BaseModel
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from latentlab.engine.generation import attention_bias
 from latentlab.errors import ConfigError, DataError, RunError
 from latentlab.latents import padded_rows, with_orthogonality
-from latentlab.methods.base import IGNORE, Batch, Features, MethodConfig, Stage, StepOutput
+from latentlab.methods.base import IGNORE, Features, MethodConfig, Stage, StepOutput
 from latentlab.methods.latent_sft.config import (
     CHUNK,
     LATENT,
@@ -81,6 +81,22 @@ def supervision_mask(kinds: Tensor, blocks: Tensor, enabled: bool = True) -> Ten
                            torch.where(query == TAIL, context | (key == TAIL), context))
         allowed = allowed & rule
     return allowed | (eye & ~real[:, :, None])
+
+
+class EncoderBatch(TypedDict):
+    """The encoder phase's batch (`LatentSFTEncoder.collate`): the encoder's sequence and the
+    decoder's, right-padded, each with its "may attend" mask."""
+
+    encoder_ids: Tensor  # [B, E]: question, then the encoder's latent slots
+    encoder_kinds: Tensor  # [B, E]: the kind of each position (PAD, ...)
+    encoder_mask: Tensor  # [B, E, E]: may attend (the induction mask)
+    input_ids: Tensor  # [B, T]: the decoder's sequence
+    latent: Tensor  # [B, T] bool: the decoder's latent positions
+    mask: Tensor  # [B, T, T]: may attend (the supervision mask)
+    positions: Tensor  # [B, T]: position ids
+    labels: Tensor  # [B, T]
+    weights: Tensor  # [B, T]: each label's weight in the loss
+    num_tokens: int
 
 
 class LatentSFTEncoder(LatentSFT):
@@ -182,7 +198,7 @@ class LatentSFTEncoder(LatentSFT):
     def feature_length(self, features: Features) -> int:
         return len(features["encoder_ids"]) + len(features["input_ids"])
 
-    def collate(self, features: list[Features]) -> Batch:
+    def collate(self, features: list[Features]) -> EncoderBatch:
         """Right-padded encoder and decoder sequences and their "may attend" masks [B, T, T]
         (built here, on the CPU, from the position kinds)."""
         def pad(key: str, value: float | int, dtype: torch.dtype) -> Tensor:
@@ -194,20 +210,20 @@ class LatentSFTEncoder(LatentSFT):
 
         encoder_kinds = pad("encoder_kinds", PAD, torch.long)
         kinds, blocks = pad("kinds", PAD, torch.long), pad("blocks", -1, torch.long)
-        return {
-            "encoder_ids": pad("encoder_ids", self.tokenizer.pad_token_id, torch.long),
-            "encoder_kinds": encoder_kinds,
-            "encoder_mask": induction_mask(encoder_kinds, self.config.induction_mask),
-            "input_ids": pad("input_ids", self.tokenizer.pad_token_id, torch.long),
-            "latent": kinds == LATENT,
-            "mask": supervision_mask(kinds, blocks, self.config.supervision_mask),
-            "positions": pad("positions", 0, torch.long),
-            "labels": pad("labels", IGNORE, torch.long),
-            "weights": pad("weights", 0.0, torch.float),
-            "num_tokens": int((encoder_kinds != PAD).sum() + (kinds != PAD).sum())}
+        return EncoderBatch(
+            encoder_ids=pad("encoder_ids", self.tokenizer.pad_token_id, torch.long),
+            encoder_kinds=encoder_kinds,
+            encoder_mask=induction_mask(encoder_kinds, self.config.induction_mask),
+            input_ids=pad("input_ids", self.tokenizer.pad_token_id, torch.long),
+            latent=kinds == LATENT,
+            mask=supervision_mask(kinds, blocks, self.config.supervision_mask),
+            positions=pad("positions", 0, torch.long),
+            labels=pad("labels", IGNORE, torch.long),
+            weights=pad("weights", 0.0, torch.float),
+            num_tokens=int((encoder_kinds != PAD).sum() + (kinds != PAD).sum()))
 
     # -- training --------------------------------------------------------------------------
-    def forward(self, batch: Batch) -> StepOutput:
+    def forward(self, batch: EncoderBatch) -> StepOutput:
         z, _, _ = self.encoder_latents(batch["encoder_ids"], batch["encoder_kinds"],
                                        batch["encoder_mask"])
         embeds = self.embed(batch["input_ids"])

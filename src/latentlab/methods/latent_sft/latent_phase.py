@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel
-from torch import nn
+from torch import Tensor, nn
 
 from latentlab.errors import LatentlabError, RunError
 from latentlab.latents import padded_rows, with_orthogonality
 from latentlab.methods.base import (
-    Batch,
     Features,
     Stage,
     StepOutput,
+    TokenBatch,
     part_lm_loss,
     right_padded_states,
     sequence,
@@ -41,6 +41,16 @@ from latentlab.tasks.base import Example, Task
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class LatentBatch(TokenBatch, total=False):
+    """The latent phase's batch (`LatentSFTLatent.collate`): CoT's right-padded rows with the
+    slots and their noisy targets, in row-major order of the S slots of the batch."""
+
+    slot: Tensor  # [B, T] bool: the slot columns
+    slot_indices: Tensor  # [S, k]: vocabulary targets, the tokens of each slot's soft label
+    slot_probs: Tensor  # [S, k]: their probabilities
+    slot_values: Tensor  # [S, d]: hidden-state targets (instead of the two above)
 
 
 class LatentSFTLatent(LatentSFT):
@@ -80,11 +90,11 @@ class LatentSFTLatent(LatentSFT):
         return {**features, "label_row": row, "slots": n, "slot_start": len(prompt),
                 "noise_epoch": self.epoch}
 
-    def collate(self, features: list[Features]) -> Batch:
+    def collate(self, features: list[Features]) -> LatentBatch:
         """The right-padded batch of every method, plus the slots and their noisy targets:
         `slot` [B, T] marks slot columns; `slot_indices`/`slot_probs` [S, k] (vocabulary) or
         `slot_values` [S, d] (hidden) hold the targets of the S slots in row-major order."""
-        batch = super().collate(features)
+        batch = LatentBatch(**super().collate(features))
         slot = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
         labels = self.soft_labels()
         indices, targets = [], []
@@ -110,7 +120,7 @@ class LatentSFTLatent(LatentSFT):
         return batch
 
     # -- training --------------------------------------------------------------------------
-    def forward(self, batch: Batch) -> StepOutput:
+    def forward(self, batch: LatentBatch) -> StepOutput:
         ids, slot = batch["input_ids"], batch["slot"]
         embeds = self.embed(ids)
         table = self.backbone.get_input_embeddings().weight
