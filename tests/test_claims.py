@@ -112,7 +112,7 @@ def test_the_report_opens_with_the_claims(tmp_path: Path) -> None:
 def test_a_claim_reads_a_number_of_an_analysis_file(tmp_path: Path) -> None:
     from latentlab.study.report import Group, Run, _metric
 
-    runs = [Run(tmp_path / str(i), {}, {}, {}, None,
+    runs = [Run(tmp_path / str(i), {}, {}, {},
                 {"latent_sft": {"ecr_at_k": v, "length": {"compression": 3.0 + i}}})
             for i, v in enumerate((1.1, 1.3))]
     group = Group("countdown", 4, "latent_sft", 32, {}, runs)

@@ -234,7 +234,7 @@ def test_perplexity_against_the_orthogonality_weight(tmp_path: Path) -> None:
         config = {"task.name": "text", "method.name": "liu", "method.latent_budget": budget,
                   "method.orthogonality": weight, "train.seed": seed}
         return Run(tmp_path / f"{weight}-{seed}-{budget}", config,
-                   {"test": {"perplexity": ppl}}, {}, None, {})
+                   {"test": {"perplexity": ppl}}, {}, {})
 
     runs = [run(0.0, 0, 10.0), run(0.0, 1, 12.0), run(3.0, 0, 15.0), run(3.0, 1, 17.0),
             run(0.0, 0, 9.0, budget=16)]  # one λ only at N_L = 16: no line for it

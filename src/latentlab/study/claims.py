@@ -34,6 +34,7 @@ from latentlab.errors import ConfigError
 Verdict = Literal["confirmed", "not confirmed", "inconclusive"]
 GROUP_FIELDS = ("method", "task", "operands", "latent_budget")  # selector keys of a group
 
+
 class Measured(Protocol):
     """A metric's mean and sample standard deviation over `n` seeds."""
 

@@ -73,8 +73,12 @@ class Run:
     config: dict[str, Any]  # config.yaml flattened to dotted keys
     results: dict[str, Any]
     curves: dict[str, list[tuple[int, float]]]  # validation metric -> (step, value) rows
-    capture: dict[str, Any] | None  # analysis/capture.json
     analyses: dict[str, Any]  # every analysis/NAME.json, by NAME (the method's own too)
+
+    @property
+    def capture(self) -> dict[str, Any] | None:
+        """analysis/capture.json (`latentlab analyze`), where written."""
+        return self.analyses.get("capture")
 
     def get(self, key: str) -> Any:
         return self.config.get(key)
@@ -147,8 +151,7 @@ def read_run(run_dir: Path) -> Run:
         for name in ("accuracy", "perplexity"):
             if isinstance(row.get(name), int | float):
                 curves.setdefault(name, []).append((int(row["step"]), float(row[name])))
-    return Run(run_dir, flatten_dotted(config), results, curves, analyses.get("capture"),
-               analyses)
+    return Run(run_dir, flatten_dotted(config), results, curves, analyses)
 
 
 # ------------------------------------------------------------------------------------------
@@ -624,9 +627,8 @@ def _metric(group: Group, metric: str, split: Split) -> Stat | None:
     number of an analysis file as `NAME.KEY[.KEY...]` (`latent_sft.length.compression`)."""
     if metric in ("accuracy", "perplexity"):
         return group.stat(lambda r: r.score(split, metric))
-    if metric in ("h_off", "silhouette"):
-        return group.stat(lambda r: (r.capture or {}).get(metric))
-    return group.stat(lambda r: number_at(r.analyses, *metric.split(".")))
+    keys = ("capture", metric) if metric in ("h_off", "silhouette") else metric.split(".")
+    return group.stat(lambda r: number_at(r.analyses, *keys))
 
 
 def _markdown(groups: Sequence[Group], plots: Sequence[Plot], split: Split,
