@@ -108,5 +108,8 @@ def test_every_method_counts_every_sequence_it_reads_against_max_length() -> Non
         add_special_tokens(tokenizer, backbone, impl.special_tokens(config))
         method = impl(config, backbone, tokenizer)
         features = method.encode(example)
-        sequences = [v for k, v in features.items() if k.endswith("ids") and isinstance(v, list)]
+        # Nested features (one set per role, as CODI's teacher and student) included.
+        roles = [features, *(v for v in features.values() if isinstance(v, dict))]
+        sequences = [v for role in roles for k, v in role.items()
+                     if k.endswith("ids") and isinstance(v, list)]
         assert method.feature_length(features) == sum(map(len, sequences)) > 0, name

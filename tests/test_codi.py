@@ -137,7 +137,7 @@ def test_layout_and_the_distilled_tokens() -> None:
     tok = method.tokenizer
     for example, distilled in ((EXAMPLES[1], " "), (EXAMPLES[2], "###")):
         f = method.encode(example)
-        teacher, student = f["teacher_input_ids"], f["student_input_ids"]
+        teacher, student = f["teacher"]["input_ids"], f["student"]["input_ids"]
         assert tok.decode(teacher) == (example.question + "\n" + steps_text(example.steps)
                                        + answer_text(example) + tok.eos_token)
         head = ids(method, example.question + "\n")
@@ -145,10 +145,10 @@ def test_layout_and_the_distilled_tokens() -> None:
         assert student[len(head) + 4] == tok.convert_tokens_to_ids(EOT)  # after 3 thoughts
         assert f["bot"] == len(head)
         # Labels: the teacher's steps and answer; the student's answer after <eot> only.
-        assert f["teacher_labels"] == [IGNORE] * len(head) + teacher[len(head):]
-        assert f["student_labels"] == [IGNORE] * (len(head) + 5) + student[len(head) + 5:]
+        assert f["teacher"]["labels"] == [IGNORE] * len(head) + teacher[len(head):]
+        assert f["student"]["labels"] == [IGNORE] * (len(head) + 5) + student[len(head) + 5:]
         for role in ("teacher", "student"):
-            sequence, index = f[f"{role}_input_ids"], f[f"{role}_distill"]
+            sequence, index = f[role]["input_ids"], f[role]["distill"]
             assert tok.decode(sequence[index]) == distilled
             assert tok.decode(sequence[index + 1:]).lstrip().startswith(example.answer)
 
@@ -190,7 +190,7 @@ def test_cached_student_equals_full_recomputation(preset: str,
     torch.testing.assert_close(thoughts, ref["thoughts"], rtol=1e-4, atol=1e-5)
     head = method.backbone.get_output_embeddings()
     for row, expected in enumerate(ref["student_logits"]):
-        labelled = batch["student_labels"][row, 1:] != IGNORE
+        labelled = batch["student"]["labels"][row, 1:] != IGNORE
         torch.testing.assert_close(head(hidden[row, :-1][labelled]), expected,
                                    rtol=1e-4, atol=1e-4)
     ref_loss = total(method, ref)

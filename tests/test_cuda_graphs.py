@@ -18,7 +18,8 @@ from accelerate.state import AcceleratorState
 from test_coconut import EXAMPLES, make
 from test_training import tiny
 
-from latentlab.engine.cuda_graphs import GraphedSteps, layout
+from latentlab.engine.cuda_graphs import GraphedSteps, cloned, layout, leaves
+from latentlab.engine.interface import batch_to
 from latentlab.errors import ConfigError, RunError
 from latentlab.methods.coconut import Coconut
 from latentlab.recipes import train
@@ -35,6 +36,26 @@ def test_layout_sees_shapes_and_values_but_not_token_counts() -> None:
     assert layout(batch) != layout({**batch, "input_ids": torch.zeros(2, 6, dtype=torch.long)})
     assert layout(batch) != layout({**batch, "input_ids": torch.zeros(2, 5, dtype=torch.int)})
 
+
+
+def test_nested_batches_have_a_layout_and_copies_of_every_tensor() -> None:
+    """A batch with one batch per role (CODI's teacher and student): the layout walks into
+    them, and a recording's inputs are copies of every nested tensor, found by their paths."""
+    role = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "parts_present": ("answer",)}
+    batch = {"teacher": role, "student": {**role, "input_ids": torch.zeros(2, 7)}, "bot": 3,
+             "num_tokens": 24}
+    wider = {**batch, "student": {**role, "input_ids": torch.zeros(2, 8)}}
+    assert layout(batch) != layout(wider)
+    assert layout(batch) != layout({**batch, "teacher": {**role, "parts_present": ("steps",)}})
+    assert layout(batch) == layout({**batch, "num_tokens": 30})
+    static = cloned(batch)
+    tensors = {path: v for path, v in leaves(static) if isinstance(v, torch.Tensor)}
+    assert set(tensors) == {("teacher", "input_ids"), ("student", "input_ids")}
+    assert static["teacher"]["input_ids"] is not role["input_ids"]
+    torch.testing.assert_close(static["student"]["input_ids"], batch["student"]["input_ids"])
+    assert static["bot"] == 3 and static["teacher"]["parts_present"] == ("answer",)
+    moved = batch_to(batch, "cpu")
+    assert moved["student"]["input_ids"].shape == (2, 7) and moved["num_tokens"] == 24
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_refused_without_cuda(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ masks as an uninterrupted one.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,17 +46,36 @@ from latentlab.errors import RunError
 HOST_ONLY = frozenset({"num_tokens"})
 
 
+Path = tuple[str, ...]  # an entry's keys from the batch's top, through nested batches
+
+
+def leaves(batch: Mapping[str, Any], path: Path = ()) -> Iterator[tuple[Path, Any]]:
+    """Every entry of a batch with its path, walking nested batches (one per role, as CODI's
+    teacher and student); host-only entries left out."""
+    for key, value in batch.items():
+        if isinstance(value, Mapping):
+            yield from leaves(value, (*path, key))
+        elif key not in HOST_ONLY:
+            yield (*path, key), value
+
+
 def layout(batch: dict[str, Any]) -> tuple[Any, ...]:
     """What a recording depends on: tensor shapes and dtypes, every other entry's value."""
-    return tuple(sorted((key, (tuple(value.shape), value.dtype) if isinstance(value, Tensor)
-                         else repr(value))
-                        for key, value in batch.items() if key not in HOST_ONLY))
+    return tuple(sorted((path, (tuple(value.shape), value.dtype) if isinstance(value, Tensor)
+                         else repr(value)) for path, value in leaves(batch)))
+
+
+def cloned(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch with every tensor, nested ones included, replaced by a copy."""
+    return {key: cloned(value) if isinstance(value, Mapping)
+            else value.clone() if isinstance(value, Tensor) else value
+            for key, value in batch.items()}
 
 
 @dataclass
 class Recording:
     graph: torch.cuda.CUDAGraph
-    inputs: dict[str, Tensor]  # the tensors a replay reads its batch from
+    inputs: dict[Path, Tensor]  # the tensors a replay reads its batch from
     loss: Tensor
     metrics: dict[str, Tensor]
     used: list[int]  # parameters the step reaches: the others keep their `.grad` (or None)
@@ -85,8 +105,9 @@ class GraphedSteps:
                 self.seen.add(key)
                 return None
             recording = self.recordings[key] = self._record(batch)
-        for name, static in recording.inputs.items():
-            static.copy_(batch[name], non_blocking=True)
+        given = dict(leaves(batch))
+        for path, static in recording.inputs.items():
+            static.copy_(given[path], non_blocking=True)
         self.weight.fill_(weight)
         self._take_grads(recording.used)
         recording.graph.replay()
@@ -116,8 +137,8 @@ class GraphedSteps:
                 self.grads[i].copy_(current)
 
     def _record(self, batch: dict[str, Any]) -> Recording:
-        inputs = {k: v.clone() for k, v in batch.items() if isinstance(v, Tensor)}
-        static = {**batch, **inputs}
+        static = cloned(batch)
+        inputs = {path: v for path, v in leaves(static) if isinstance(v, Tensor)}
         rng = torch.cuda.get_rng_state(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 from torch import Tensor
 
 
@@ -31,7 +32,6 @@ class Stage:
 
 def batch_to(batch: dict[str, Any], device: torch.device | str,
              non_blocking: bool = False) -> dict[str, Any]:
-    """A collated batch with its tensors on `device` (host-side entries such as `num_tokens`
-    stay as they are)."""
-    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v
-            for k, v in batch.items()}
+    """A collated batch with its tensors on `device`, nested batches (one per role, as CODI's
+    teacher and student) included; host-side entries such as `num_tokens` stay as they are."""
+    return send_to_device(batch, device, non_blocking=non_blocking)

@@ -36,7 +36,7 @@ checks the cached student against full recomputation.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 import torch
 from pydantic import Field
@@ -52,11 +52,11 @@ from latentlab.engine.generation import (
 from latentlab.latents import with_orthogonality
 from latentlab.methods.base import (
     ANSWER_MARKER,
-    Batch,
     Features,
     Method,
     MethodConfig,
     StepOutput,
+    TokenBatch,
     answer_text,
     part_lm_loss,
     sequence,
@@ -68,7 +68,23 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 BOT, EOT = "<bot>", "<eot>"
-TEACHER, STUDENT = "teacher_", "student_"  # prefixes of each role's entries in features/batches
+
+
+class RoleBatch(TokenBatch, total=False):
+    """One role's rows (`Method.collate_rows`) and `distill`, the column of each row's distilled
+    token (the one that predicts the answer's first token)."""
+
+    distill: Tensor  # [B]
+
+
+class CODIBatch(TypedDict):
+    """The teacher's CoT rows (right-padded) and the student's rows (`<bot>` in one column)."""
+
+    teacher: RoleBatch
+    student: RoleBatch  # with an attention_mask: rows are shifted so that `<bot>` aligns
+    bot: int  # the column of `<bot>` in the student's rows
+    left_padded: bool  # whether some student row starts with padding
+    num_tokens: int  # both roles' real tokens, for tokens/s
 
 
 class CODIConfig(MethodConfig):
@@ -117,7 +133,7 @@ class CODI(Method):
 
     # -- data ------------------------------------------------------------------------------
     def encode(self, example: Example) -> Features:
-        """Both roles' sequences (`teacher_*`, `student_*`: input_ids, labels, parts, and
+        """Both roles' sequences (`teacher`, `student`: input_ids, labels, parts, and
         `distill`, the index of the distilled token) and `bot`, `<bot>`'s index."""
         prompt = self.prompt_ids(example)
         steps = self.tokens(steps_text(example.steps))
@@ -130,11 +146,10 @@ class CODI(Method):
         student = sequence([(student_head, None), (answer, "answer")])
         teacher["distill"] = len(prompt) + len(steps) + lead - 1
         student["distill"] = len(student_head) + lead - 1
-        return {**{TEACHER + k: v for k, v in teacher.items()},
-                **{STUDENT + k: v for k, v in student.items()}, "bot": len(prompt)}
+        return {"teacher": teacher, "student": student, "bot": len(prompt)}
 
     def feature_length(self, features: Features) -> int:
-        return len(features[TEACHER + "input_ids"]) + len(features[STUDENT + "input_ids"])
+        return len(features["teacher"]["input_ids"]) + len(features["student"]["input_ids"])
 
     def answer_lead(self, example: Example) -> int:
         """Tokens of `answer_text` before the first one that holds the answer's text: those of
@@ -147,18 +162,16 @@ class CODI(Method):
             lead += 1
         return lead
 
-    def collate(self, features: list[Features]) -> Batch:
+    def collate(self, features: list[Features]) -> CODIBatch:
         """The teacher's rows right-padded (CoT's batch); the student's shifted right so that
         all `<bot>` tokens share one column (left padding), then right-padded, with an
-        `attention_mask` of the real tokens. Entries carry their role's prefix."""
-        teacher = [{k.removeprefix(TEACHER): v for k, v in f.items() if k.startswith(TEACHER)}
-                   for f in features]
+        `attention_mask` of the real tokens."""
+        teacher = [f["teacher"] for f in features]
         width = max(len(f["input_ids"]) for f in teacher)
         teacher_batch = self.collate_rows(teacher, [[i] for i in range(len(teacher))], width)
         num_tokens = teacher_batch.pop("num_tokens")
 
-        student = [{k.removeprefix(STUDENT): v for k, v in f.items() if k.startswith(STUDENT)}
-                   for f in features]
+        student = [f["student"] for f in features]
         bot = max(f["bot"] for f in features)
         shifts = [bot - f["bot"] for f in features]
         width = max(s + len(f["input_ids"]) for s, f in zip(shifts, student, strict=True))
@@ -168,14 +181,13 @@ class CODI(Method):
         teacher_batch["distill"] = torch.tensor([f["distill"] for f in teacher])
         student_batch["distill"] = torch.tensor([s + f["distill"]
                                                  for s, f in zip(shifts, student, strict=True)])
-        return {**{TEACHER + k: v for k, v in teacher_batch.items()},
-                **{STUDENT + k: v for k, v in student_batch.items()},
-                "bot": bot, "left_padded": any(shifts), "num_tokens": num_tokens}
+        return CODIBatch(teacher=teacher_batch, student=student_batch, bot=bot,
+                         left_padded=any(shifts), num_tokens=num_tokens)
 
     # -- training --------------------------------------------------------------------------
-    def forward(self, batch: Batch) -> StepOutput:
+    def forward(self, batch: CODIBatch) -> StepOutput:
         cfg = self.config
-        teacher, student = role(batch, TEACHER), role(batch, STUDENT)
+        teacher, student = batch["teacher"], batch["student"]
         # Right-padded, so no mask: the causal mask alone is exact (see right_padded_states);
         # every layer's states, for L_KD.
         out = self.backbone.base_model(inputs_embeds=self.embed(teacher["input_ids"]),
@@ -189,13 +201,13 @@ class CODI(Method):
         loss_kd = self.distillation_loss(out.hidden_states[1:], teacher["distill"],
                                          tail_layers[1:], student["distill"] - tail_start)
         loss = cfg.alpha * loss_student + cfg.beta * loss_teacher + cfg.gamma * loss_kd
-        metrics |= {TEACHER + k: v for k, v in teacher_metrics.items()}
+        metrics |= {f"teacher_{k}": v for k, v in teacher_metrics.items()}
         metrics |= {"loss_student": loss_student.detach(), "loss_teacher": loss_teacher.detach(),
                     "loss_kd": loss_kd.detach()}
         loss = with_orthogonality(loss, metrics, thoughts, cfg.orthogonality)
         return StepOutput(loss, metrics)
 
-    def student_states(self, batch: Batch) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+    def student_states(self, batch: CODIBatch) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
         """The student's last-layer states at every column [B, T, d], every layer's states
         (`hidden_states`, embedding output first) at the columns of the last pass, from bot + N
         on, and the thoughts z_1..z_N [B, N, d]: N+1 passes over one cache
@@ -208,8 +220,8 @@ class CODI(Method):
             return thoughts[-1]
 
         hidden, layers = feedback_passes(
-            self.backbone, self.embed(batch[STUDENT + "input_ids"]),
-            batch[STUDENT + "attention_mask"], batch["left_padded"], batch["bot"],
+            self.backbone, self.embed(batch["student"]["input_ids"]),
+            batch["student"]["attention_mask"], batch["left_padded"], batch["bot"],
             self.config.latent_budget, feed, last_pass_layers=True)
         assert layers is not None  # asked for
         return hidden, layers, torch.cat(thoughts, dim=1)
@@ -259,12 +271,6 @@ class CODI(Method):
             state = extend(self.backbone, state, ones, inputs_embeds=thoughts[-1])
         state = extend(self.backbone, state, ones, input_ids=ones * self.eot_id)
         return state, thoughts
-
-
-def role(batch: Batch, prefix: str) -> dict[str, Any]:
-    """One role's entries of a collated batch, without their prefix (what `part_lm_loss`
-    reads)."""
-    return {k.removeprefix(prefix): v for k, v in batch.items() if k.startswith(prefix)}
 
 
 def at_columns(states: Tensor, index: Tensor) -> Tensor:

@@ -80,6 +80,10 @@ class Run:
         """analysis/capture.json (`latentlab analyze`), where written."""
         return self.analyses.get("capture")
 
+    def capture_number(self, key: str) -> float | None:
+        """A number of analysis/capture.json (`h_off`, `silhouette`), None where not written."""
+        return number_at(self.analyses, "capture", key)
+
     def get(self, key: str) -> Any:
         return self.config.get(key)
 
@@ -576,7 +580,6 @@ def build_report(paths: Sequence[str | Path], out: str | Path, split: Split = "t
 
 
 def _csv_row(run: Run, group: Group, split: Split) -> dict[str, Any]:
-    capture = run.capture or {}
     return {
         "run_dir": str(run.run_dir), "task": group.task, "operands": group.operands,
         "method": group.method, "latent_budget": group.latent_budget,
@@ -586,7 +589,7 @@ def _csv_row(run: Run, group: Group, split: Split) -> dict[str, Any]:
         "n": (run.results.get(split) or {}).get("n"),
         **{f"{s}_{m}": run.score(s, m) for s in ("valid", "test")
            for m in ("accuracy", "perplexity")},
-        "h_off": capture.get("h_off"), "silhouette": capture.get("silhouette"),
+        "h_off": run.capture_number("h_off"), "silhouette": run.capture_number("silhouette"),
         "trainable_parameters": run.results.get("trainable_parameters"),
         "train_flops_per_example": run.flops("train_forward"),
         "inference_flops_per_example": run.flops("inference"),
@@ -604,8 +607,8 @@ def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
 def _group_summary(group: Group, split: Split) -> dict[str, Any]:
     stats = {"accuracy": group.stat(lambda r: r.score(split, "accuracy")),
              "perplexity": group.stat(lambda r: r.score(split, "perplexity")),
-             "h_off": group.stat(lambda r: (r.capture or {}).get("h_off")),
-             "silhouette": group.stat(lambda r: (r.capture or {}).get("silhouette")),
+             "h_off": group.stat(lambda r: r.capture_number("h_off")),
+             "silhouette": group.stat(lambda r: r.capture_number("silhouette")),
              "train_flops_per_example": group.stat(lambda r: r.flops("train_forward")),
              "inference_flops_per_example": group.stat(lambda r: r.flops("inference")),
              **{f"accuracy_latents_{kind}": group.stat(lambda r, k=kind: r.ablated(split, k))
@@ -647,13 +650,13 @@ def _markdown(groups: Sequence[Group], plots: Sequence[Plot], split: Split,
                   "deviations added) is inconclusive (`latentlab.study.claims`).", "",
                   *claims_table(checked), ""]
     lines += ["## Method x task", "", *_pivot(groups, split), ""]
-    geometry = [g for g in groups if g.stat(lambda r: (r.capture or {}).get("h_off"))]
+    geometry = [g for g in groups if g.stat(lambda r: r.capture_number("h_off"))]
     if geometry:
         lines += ["## Latent geometry (`latentlab analyze`)", "",
                   "| task | method | H_off | silhouette |", "|---|---|---|---|"]
         for g in geometry:
-            h_off = g.stat(lambda r: (r.capture or {}).get("h_off"))
-            sil = g.stat(lambda r: (r.capture or {}).get("silhouette"))
+            h_off = g.stat(lambda r: r.capture_number("h_off"))
+            sil = g.stat(lambda r: r.capture_number("silhouette"))
             lines.append(f"| {g.task_label} | {g.method_label} | {_cell(h_off, '.3f')} | "
                          f"{_cell(sil, '.3f')} |")
         lines.append("")
