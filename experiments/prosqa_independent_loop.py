@@ -62,7 +62,7 @@ def main() -> None:
         lead = " " if args.lead_space else ""
 
         def adjacent(rng: random.Random, split: str) -> Example:
-            e = draw(rng, split)  # type: ignore[arg-type]
+            e = task.generate_one(rng, split)  # type: ignore[arg-type]
             facts, query = e.question.rsplit(" Is ", 1)
             return dataclasses.replace(e, question=squeeze(facts) + " Is " + query,
                                        steps=tuple(lead + squeeze(s) for s in e.steps))
