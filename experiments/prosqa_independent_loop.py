@@ -6,11 +6,13 @@ are edges of the graph every 250 steps.
 
     python experiments/prosqa_independent_loop.py --steps 1500 [--lr 2e-3]
         [--preset-overrides '{"num_hidden_layers": 4}'] [--bloom] [--adjacent [--lead-space]]
+        [--shift]
 
 --bloom swaps in a BLOOM model of the same size (ALiBi: attention biased towards recent tokens
 from the start); --adjacent rewrites every "Every X is a Y." and "P is a Y." as "X Y." (the
 value next to its key, as in symbolic graph formats), --lead-space starts each step line with a
-space so that its first name is the same token as in the question.
+space so that its first name is the same token as in the question; --shift adds a causal
+convolution over the last four positions before every layer (`add_token_shift`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,31 @@ def squeeze(text: str) -> str:
     return re.sub(r"\b([A-Z]\w+) is a (\w+)\.", r"\1 \2.", text)
 
 
+def add_token_shift(model: transformers.PreTrainedModel) -> list[torch.nn.Conv1d]:
+    """Before each decoder layer, h_t += sum_{k=0..3} w_k * h_{t-k} (a causal depthwise
+    convolution over the last four positions, zero at initialisation), so every position holds
+    its three predecessors before any attention. Hooks on a Qwen-3 model; generation must then
+    recompute the whole sequence (`use_cache=False`)."""
+    convs = []
+    for layer in model.model.layers:
+        conv = torch.nn.Conv1d(model.config.hidden_size, model.config.hidden_size, 4,
+                               groups=model.config.hidden_size, padding=3, bias=False)
+        torch.nn.init.zeros_(conv.weight)
+        convs.append(conv)
+
+        def mix(module: torch.nn.Module, args: tuple, kwargs: dict,
+                conv: torch.nn.Conv1d = conv) -> tuple[tuple, dict]:
+            given = "hidden_states" in kwargs
+            h = kwargs["hidden_states"] if given else args[0]
+            mixed = h + conv(h.transpose(1, 2))[..., :h.shape[1]].transpose(1, 2)
+            if given:
+                return args, {**kwargs, "hidden_states": mixed}
+            return (mixed, *args[1:]), kwargs
+
+        layer.register_forward_pre_hook(mix, with_kwargs=True)
+    return convs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1500)
@@ -47,6 +74,7 @@ def main() -> None:
     parser.add_argument("--bloom", action="store_true")
     parser.add_argument("--adjacent", action="store_true")
     parser.add_argument("--lead-space", action="store_true")
+    parser.add_argument("--shift", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = RunConfig.model_validate({
@@ -79,9 +107,10 @@ def main() -> None:
         model = transformers.BloomForCausalLM(transformers.BloomConfig(
             vocab_size=len(tok), hidden_size=128, n_layer=2, n_head=4, hidden_dropout=0.0,
             attention_dropout=0.0))
+    shifts = add_token_shift(model) if args.shift else []
     valid = [draw(random.Random(10**6 + i), "valid") for i in range(100)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
-                                  weight_decay=0.1)
+    trained = [*model.parameters(), *(p for conv in shifts for p in conv.parameters())]
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / 100)
                                                  * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     pad = tok.pad_token_id
@@ -105,7 +134,7 @@ def main() -> None:
         for e in valid:
             prompt = tok(prompt_text(e), add_special_tokens=False, return_tensors="pt")["input_ids"]
             out = model.generate(prompt, max_new_tokens=60, do_sample=False, pad_token_id=pad,
-                                 eos_token_id=tok.eos_token_id)
+                                 eos_token_id=tok.eos_token_id, use_cache=not shifts)
             text = tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
             edges.append(task.step_metrics(extract_steps(text), e).get("step_edges", 0.0))
             correct += task.score(extract_answer(text), e)
