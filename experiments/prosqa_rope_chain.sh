@@ -12,8 +12,6 @@ source "$(dirname "$0")/timed.sh"
 chain_setup "${1:?usage: prosqa_rope_chain.sh OUT [overrides]}"
 shift
 base=train.max_time=${BASE_MINUTES:-10}
-rope=(model.name=qwen3-12x384 "model.preset_overrides={}")
-small_first="task.curriculum=[{epochs: 1, min_concepts: 4, max_concepts: 8, min_hops: 1, max_hops: 2}, {epochs: 1, min_concepts: 8, max_concepts: 14, min_hops: 1, max_hops: 4}, {epochs: 2, min_concepts: 12, max_concepts: 20, min_hops: 2, max_hops: 5}]"
 
 (
   run prosqa-cot prosqa_cot "${rope[@]}" "$small_first" "$base" "$@" &&

@@ -4,7 +4,7 @@
 # see millions of problems in that time:
 #   prosqa-cot-2x128-small  Qwen-3 blocks 2 x 128 on graphs of 4-6 concepts and 1-2 hops only
 #   prosqa-cot-4x256        4 x 256, a long curriculum from small graphs to Coconut's sizes
-#   prosqa-cot-12x384       qwen3-12x384, the short curriculum of prosqa_rope_chain.sh
+#   prosqa-cot-12x384       qwen3-12x384, the short curriculum (`small_first`, timed.sh)
 #   countdown3-cot, countdown4-cot
 #   LATENTLAB_SHARED=/path/to/shared bash experiments/prosqa_scale_chain.sh OUT [key=value ...]
 set -uo pipefail
@@ -12,18 +12,16 @@ source "$(dirname "$0")/timed.sh"
 chain_setup "${1:?usage: prosqa_scale_chain.sh OUT [overrides]}"
 shift
 minutes=train.max_time=${TRAIN_MINUTES:-10}
-qwen=(model.name=qwen3-12x384 "model.preset_overrides={}")
 small="{num_hidden_layers: 2, hidden_size: 128, num_attention_heads: 4, num_key_value_heads: 4, head_dim: 32, intermediate_size: 384}"
 medium="{num_hidden_layers: 4, hidden_size: 256, num_attention_heads: 4, num_key_value_heads: 4, head_dim: 64, intermediate_size: 768}"
 long_curriculum="task.curriculum=[{epochs: 10, min_concepts: 4, max_concepts: 8, min_hops: 1, max_hops: 2}, {epochs: 10, min_concepts: 8, max_concepts: 14, min_hops: 1, max_hops: 4}, {epochs: 10, min_concepts: 12, max_concepts: 20, min_hops: 2, max_hops: 5}]"
-short_curriculum="task.curriculum=[{epochs: 1, min_concepts: 4, max_concepts: 8, min_hops: 1, max_hops: 2}, {epochs: 1, min_concepts: 8, max_concepts: 14, min_hops: 1, max_hops: 4}, {epochs: 2, min_concepts: 12, max_concepts: 20, min_hops: 2, max_hops: 5}]"
 
-run prosqa-cot-2x128-small prosqa_cot "${qwen[@]}" "model.preset_overrides=$small" \
+run prosqa-cot-2x128-small prosqa_cot "${rope[@]}" "model.preset_overrides=$small" \
   "task.curriculum=[]" task.min_concepts=4 task.max_concepts=6 task.min_hops=1 task.max_hops=2 \
   train.eval_every=2000 "$minutes" "$@" &
-run prosqa-cot-4x256 prosqa_cot "${qwen[@]}" "model.preset_overrides=$medium" "$long_curriculum" \
+run prosqa-cot-4x256 prosqa_cot "${rope[@]}" "model.preset_overrides=$medium" "$long_curriculum" \
   train.eval_every=2000 "$minutes" "$@" &
-run prosqa-cot-12x384 prosqa_cot "${qwen[@]}" "$short_curriculum" train.eval_every=1000 \
+run prosqa-cot-12x384 prosqa_cot "${rope[@]}" "$small_first" train.eval_every=1000 \
   "$minutes" "$@" &
 run countdown3-cot countdown3_cot "$minutes" "$@" &
 run countdown4-cot countdown4_cot "$minutes" "$@" &

@@ -630,8 +630,9 @@ def _metric(group: Group, metric: str, split: Split) -> Stat | None:
     number of an analysis file as `NAME.KEY[.KEY...]` (`latent_sft.length.compression`)."""
     if metric in ("accuracy", "perplexity"):
         return group.stat(lambda r: r.score(split, metric))
-    keys = ("capture", metric) if metric in ("h_off", "silhouette") else metric.split(".")
-    return group.stat(lambda r: number_at(r.analyses, *keys))
+    if metric in ("h_off", "silhouette"):
+        return group.stat(lambda r: r.capture_number(metric))
+    return group.stat(lambda r: number_at(r.analyses, *metric.split(".")))
 
 
 def _markdown(groups: Sequence[Group], plots: Sequence[Plot], split: Split,
@@ -650,12 +651,12 @@ def _markdown(groups: Sequence[Group], plots: Sequence[Plot], split: Split,
                   "deviations added) is inconclusive (`latentlab.study.claims`).", "",
                   *claims_table(checked), ""]
     lines += ["## Method x task", "", *_pivot(groups, split), ""]
-    geometry = [g for g in groups if g.stat(lambda r: r.capture_number("h_off"))]
+    geometry = [(g, h_off) for g in groups
+                if (h_off := g.stat(lambda r: r.capture_number("h_off")))]
     if geometry:
         lines += ["## Latent geometry (`latentlab analyze`)", "",
                   "| task | method | H_off | silhouette |", "|---|---|---|---|"]
-        for g in geometry:
-            h_off = g.stat(lambda r: r.capture_number("h_off"))
+        for g, h_off in geometry:
             sil = g.stat(lambda r: r.capture_number("silhouette"))
             lines.append(f"| {g.task_label} | {g.method_label} | {_cell(h_off, '.3f')} | "
                          f"{_cell(sil, '.3f')} |")
