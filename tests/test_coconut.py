@@ -14,17 +14,17 @@ from typing import Any
 
 import pytest
 import torch
+from presets import PRESETS, backbone_for
 from test_training import tiny
 from torch import Tensor
 from transformers import PreTrainedModel
 
 from latentlab.backbones import (
     add_special_tokens,
-    build_backbone,
     compile_transformers,
     train_tokenizer,
 )
-from latentlab.config import ModelConfig, load_config
+from latentlab.config import load_config
 from latentlab.errors import ConfigError
 from latentlab.latents import orthogonality_penalty
 from latentlab.methods import METHODS
@@ -48,7 +48,7 @@ LONG = Example("Is Tom a yumpus?", tuple(f"step {i}" for i in range(8)), "yes")
 def make(preset: str = "gpt2-tiny", **options: Any) -> Coconut:
     texts = [e.question + "\n" + steps_text(e.steps) + answer_text(e) for e in [*EXAMPLES, LONG]]
     tokenizer = train_tokenizer(texts * 10, 300)
-    backbone = build_backbone(ModelConfig(name=preset), tokenizer, seed=0)
+    backbone = backbone_for(preset, tokenizer, seed=0)
     config = CoconutConfig(**options)
     add_special_tokens(tokenizer, backbone, Coconut.special_tokens(config))
     return Coconut(config, backbone, tokenizer)
@@ -99,7 +99,7 @@ SAME_QUESTION = [Example(EXAMPLES[0].question, EXAMPLES[0].steps[:k], "4*2+9-8")
                  for k in (3, 1, 2, 0)]
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize(("examples", "counts", "left_padded", "defer"),
                          [(EXAMPLES, [4, 4, 2, 0], True, "always"),
                           (SAME_QUESTION, [4, 2, 4, 0], False, "never")])
@@ -279,7 +279,7 @@ def test_thought_counts_and_alignment_in_a_padded_batch(uniform: bool) -> None:
         assert (batch["input_ids"][row, real] == torch.tensor(features[row]["input_ids"])).all()
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_cached_generation_equals_uncached_recomputation(preset: str) -> None:
     method = make(preset, max_latent_stage=3, thoughts_at_eval=4).eval()
     model, tok = method.backbone, method.tokenizer

@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 import torch
+from presets import PRESETS, backbone_for
 from safetensors.torch import load_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from latentlab.backbones import ModelConfig, add_special_tokens, build_backbone, train_tokenizer
+from latentlab.backbones import add_special_tokens, train_tokenizer
 from latentlab.config import load_config
 from latentlab.latents import orthogonality_penalty
 from latentlab.methods import METHODS
@@ -46,7 +47,7 @@ SAME_QUESTION = [Example(EXAMPLES[0].question, EXAMPLES[0].steps[:k], "4*2+9-8")
 def make(preset: str = "gpt2-tiny", **options: Any) -> CODI:
     texts = [e.question + "\n" + steps_text(e.steps) + answer_text(e) for e in EXAMPLES]
     tokenizer = train_tokenizer(texts * 10, 300)
-    backbone = build_backbone(ModelConfig(name=preset), tokenizer, seed=0)
+    backbone = backbone_for(preset, tokenizer, seed=0)
     config = CODIConfig(**options)
     add_special_tokens(tokenizer, backbone, CODI.special_tokens(config))
     torch.manual_seed(0)  # the projection's initialisation
@@ -177,7 +178,7 @@ def test_losses_match_a_hand_computation(preset: str, options: dict[str, Any]) -
             "teacher_loss_answer"} <= out.metrics.keys()
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("examples", [EXAMPLES, SAME_QUESTION], ids=["left-padded", "aligned"])
 def test_cached_student_equals_full_recomputation(preset: str,
                                                   examples: list[Example]) -> None:
@@ -203,7 +204,7 @@ def test_cached_student_equals_full_recomputation(preset: str,
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_batched_generation_equals_per_example_and_uncached(preset: str) -> None:
     method = make(preset, latent_budget=3)
     model, tok = method.backbone, method.tokenizer

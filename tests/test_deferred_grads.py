@@ -12,9 +12,10 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from presets import PRESETS, backbone_for
 from torch import Tensor, nn
 
-from latentlab.backbones import ModelConfig, build_backbone, train_tokenizer
+from latentlab.backbones import train_tokenizer
 from latentlab.engine.deferred_grads import defer_shared_grads
 from latentlab.engine.generation import with_cache
 from latentlab.engine.piecewise_cache import PiecewiseLayer, piecewise_cache
@@ -27,12 +28,12 @@ def param_grads(model: nn.Module, loss_of: Callable[[], Tensor]) -> dict[str, Te
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_pieces_through_a_cache_get_the_gradients_of_per_call_autograd(preset: str) -> None:
     """GPT-2 covers addmm (Conv1D), layer norms and the position embedding; Qwen-3 F.linear.
     The passes are not chained, so backward runs them in no fixed order."""
     tokenizer = train_tokenizer(["a b c d e f g h"] * 20, 300)
-    model = build_backbone(ModelConfig(name=preset), tokenizer, seed=0).eval()
+    model = backbone_for(preset, tokenizer, seed=0).eval()
     embeds = torch.randn(2, 11, model.config.hidden_size)
     weights = torch.randn(2, 11, model.config.hidden_size)
     calls: list[tuple[str, int]] = []

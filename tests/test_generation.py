@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from presets import PRESETS, backbone_for
 
 from latentlab.backbones import ModelConfig, build_backbone, train_tokenizer
 from latentlab.engine.generation import greedy_decode, left_pad, padded_attention, prefill
@@ -15,10 +16,10 @@ TEXTS = ["Numbers: 3 5 7. Target: 22.\n3*5=15\n15+7=22\n### 3*5+7"] * 20 + [
     "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or zorpus?\n"]
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_cached_batched_decoding_equals_uncached_recomputation(preset: str) -> None:
     tokenizer = train_tokenizer(TEXTS, 300)
-    model = build_backbone(ModelConfig(name=preset), tokenizer, seed=1).eval()
+    model = backbone_for(preset, tokenizer, seed=1).eval()
     prompts = ["Numbers: 3 5 7. Target: 22.\n", "Tom is a wumpus.\n",
                "Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or zorpus?\n"]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -58,11 +59,11 @@ def test_decoding_stops_rows_at_eos_and_pads_after() -> None:
     assert all(pad == t for r in expected for t in r[width:])
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_left_padded_prefill_has_no_empty_attention_rows_and_matches_unpadded_passes(
         preset: str) -> None:
     tokenizer = train_tokenizer(TEXTS, 300)
-    model = build_backbone(ModelConfig(name=preset), tokenizer, seed=1).eval()  # no dropout
+    model = backbone_for(preset, tokenizer, seed=1).eval()  # no dropout
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"]
                   for p in ("Tom is a wumpus.\n", TEXTS[-1], "Numbers: 3 5 7.")]
     ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
@@ -89,13 +90,13 @@ def test_left_padded_prefill_has_no_empty_attention_rows_and_matches_unpadded_pa
         torch.testing.assert_close(padded, separate, atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_cached_decoding_uses_the_cache_api_of_the_installed_transformers(
         preset: str, caplog: pytest.LogCaptureFixture) -> None:
     # transformers 5.2x renamed `past_key_values` (keyword and output) to `cache`, with a
     # FutureWarning per call and a logged deprecation until their removal: neither here.
     tok = train_tokenizer(["a b c d e f g h"] * 10, 270)
-    model = build_backbone(ModelConfig(name=preset), tok, seed=0).eval()
+    model = backbone_for(preset, tok, seed=0).eval()
     ids = torch.tensor([[5, 6, 7]])
     logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]  # transformers'
     with warnings.catch_warnings(), torch.no_grad():

@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
+from presets import PRESETS, backbone_for
 
-from latentlab.backbones import ModelConfig, add_special_tokens, build_backbone, train_tokenizer
+from latentlab.backbones import add_special_tokens, train_tokenizer
 from latentlab.latents import orthogonality_penalty, padded_rows
 from latentlab.methods.base import IGNORE
 from latentlab.methods.pause import Pause, PauseConfig, SoftEmbedding, SoftEmbeddingConfig
@@ -22,7 +23,7 @@ TEXTS = [e.question + "\n" + "\n".join(e.steps) + "\n### " + e.answer for e in E
 
 def make(cls, config, preset: str = "gpt2-tiny"):
     tok = train_tokenizer(TEXTS, 300)
-    backbone = build_backbone(ModelConfig(name=preset), tok, seed=0)
+    backbone = backbone_for(preset, tok, seed=0)
     add_special_tokens(tok, backbone, cls.special_tokens(config))
     torch.manual_seed(0)
     return cls(config, backbone, tok).eval()
@@ -108,7 +109,7 @@ def test_soft_vectors_replace_the_slots_in_order_and_learn() -> None:
     assert method.extra_state_dict().keys() == {"soft_tokens"}
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("cls", [Pause, SoftEmbedding])
 def test_generation_and_latents_equal_uncached_per_example_computation(cls, preset) -> None:
     config = cls.config_class(latent_budget=2)

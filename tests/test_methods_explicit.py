@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from presets import PRESETS, backbone_for
 
-from latentlab.backbones import ModelConfig, build_backbone, train_tokenizer
+from latentlab.backbones import train_tokenizer
 from latentlab.methods.base import IGNORE, LABEL_BUCKET, extract_answer, label_index, lm_loss
 from latentlab.methods.cot import CoT, CoTConfig, NoCoT, NoCoTConfig
 from latentlab.tasks import CountdownConfig, CountdownTask
@@ -21,7 +22,7 @@ EXAMPLES = [
 def make(method_cls, config, preset: str = "gpt2-tiny"):
     texts = [e.question + "\n" + "\n".join(e.steps) + "\n### " + e.answer for e in EXAMPLES]
     tok = train_tokenizer(texts * 10, 300)
-    return method_cls(config, build_backbone(ModelConfig(name=preset), tok, seed=0), tok)
+    return method_cls(config, backbone_for(preset, tok, seed=0), tok)
 
 
 def test_cot_labels_cover_steps_and_answer_nocot_only_the_answer() -> None:
@@ -104,7 +105,7 @@ def test_label_index_by_hand_and_lm_loss_without_it() -> None:
     assert lm_loss(cot.backbone, hidden, labels).item() == pytest.approx(expected.item())
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_padded_batch_loss_equals_separate_unpadded_passes(preset: str) -> None:
     cot = make(CoT, CoTConfig(), preset).eval()
     features = [cot.encode(e) for e in EXAMPLES]
@@ -131,7 +132,7 @@ def test_generate_returns_text_after_the_prompt_and_answers_are_extracted() -> N
     assert extract_answer("### a\n### b") == "b"
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("question_loss", [0.0, 0.5])
 def test_a_packed_batch_has_the_loss_and_gradients_of_the_padded_one(
         preset: str, question_loss: float) -> None:

@@ -7,16 +7,17 @@ import weakref
 
 import pytest
 import torch
+from presets import PRESETS, backbone_for
 
-from latentlab.backbones import ModelConfig, build_backbone, train_tokenizer
+from latentlab.backbones import train_tokenizer
 from latentlab.engine.generation import with_cache
 from latentlab.engine.piecewise_cache import PiecewiseLayer, piecewise_cache
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_pieces_equal_one_full_pass_with_gradients(preset: str) -> None:
     tokenizer = train_tokenizer(["a b c d e f g h"] * 20, 300)
-    model = build_backbone(ModelConfig(name=preset), tokenizer, seed=0).eval()
+    model = backbone_for(preset, tokenizer, seed=0).eval()
     embeds = torch.randn(2, 11, model.config.hidden_size, requires_grad=True)
     weights = torch.randn(2, 11, model.config.hidden_size)  # a loss that reads every state
 

@@ -28,10 +28,12 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import cached_file
 
 from latentlab.errors import ModelError
 from latentlab.model_config import ModelConfig
 from latentlab.paths import resolve_path
+from latentlab.token_shift import add_token_shift, load_token_shift, quiet_shift_report
 
 
 @dataclass(frozen=True)
@@ -140,20 +142,24 @@ def build_backbone(config: ModelConfig, tokenizer: PreTrainedTokenizerBase,
                              fix="use field names of the model's Hugging Face config") from None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return AutoModelForCausalLM.from_config(
+            model = AutoModelForCausalLM.from_config(
                 hf_config, attn_implementation=config.attn_implementation)
-    if config.preset_overrides:
+    elif config.preset_overrides:
         raise ModelError(f"model.preset_overrides only apply to presets, not {config.name!r}",
                          fix="remove model.preset_overrides")
-    return _from_pretrained(AutoModelForCausalLM, config.name, "model",
-                            attn_implementation=config.attn_implementation)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, config.name, "model",
+                                 attn_implementation=config.attn_implementation)
+    if config.token_shift:
+        add_token_shift(model, config.token_shift)
+    return model
 
 
 def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
     local = resolve_path(name)
     if local.exists():
         try:
-            return cls.from_pretrained(str(local), **kwargs)
+            return _load(cls, str(local), **kwargs)
         except LOAD_ERRORS as exc:
             raise _damaged(local, what, exc) from None
     if local.is_absolute() or name.startswith((".", "~")):  # a path, not a hub id
@@ -164,7 +170,7 @@ def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
     fix = (f"did you mean the preset {close[0]}? Otherwise use " if close else "use ") + (
         f"a preset ({presets}), a local directory, or a hub id with network access")
     try:  # the Hugging Face cache first: no network needed, none waited for
-        return cls.from_pretrained(name, local_files_only=True, **kwargs)
+        return _load(cls, name, local_files_only=True, **kwargs)
     except LOAD_ERRORS:
         pass
     if not _hub_reachable():
@@ -172,10 +178,21 @@ def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
                          "directory or in the Hugging Face cache, and the hub cannot be "
                          "reached (offline)", fix=fix)
     try:
-        return cls.from_pretrained(name, **kwargs)
+        return _load(cls, name, **kwargs)
     except LOAD_ERRORS as exc:
         raise ModelError(f"cannot load the {what} {name!r} ({str(exc).splitlines()[0]})",
                          fix=fix) from None
+
+
+def _load(cls: Any, source: str, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(source)`; a model gets back the token shift its config names
+    (`load_token_shift`), read from the directory its files are in (a local one, or the hub
+    cache's copy)."""
+    with quiet_shift_report():
+        loaded = cls.from_pretrained(source, **kwargs)
+    if isinstance(loaded, PreTrainedModel) and getattr(loaded.config, "token_shift", 0):
+        load_token_shift(loaded, Path(cached_file(source, "config.json")).parent)
+    return loaded
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -236,8 +253,7 @@ def load_pretrained_dir(path: Path, attn_implementation: str = "sdpa"
         raise ModelError(f"{path} holds no saved model",
                          fix="point at a finished run directory (it has best/model)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path),
-                                                     attn_implementation=attn_implementation)
+        model = _load(AutoModelForCausalLM, str(path), attn_implementation=attn_implementation)
     except LOAD_ERRORS as exc:
         raise _damaged(path, "model", exc) from None
     return model, load_saved_tokenizer(path)

@@ -22,6 +22,11 @@ class ModelConfig(Section):
                                   "run directory (e.g. a CoT- or No-CoT-trained Base)")
     preset_overrides: dict[str, Any] = Field(default_factory=dict, description="architecture "
                                              "fields changed on a preset, e.g. {n_layer: 4}")
+    token_shift: int = Field(0, ge=0, description="a learned causal mix of each position with "
+                             "the token_shift - 1 before it, added at every decoder layer's "
+                             "input and zero at initialisation (latentlab.token_shift; 0: off, "
+                             "the backbone as published). From scratch, it lets in-context "
+                             "lookups form (README, Backbones)")
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile each Hugging Face model's transformer body (dynamic "

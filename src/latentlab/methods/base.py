@@ -113,6 +113,10 @@ class Method(nn.Module, ABC):
     # about 4x faster on the task shapes); methods with several passes of growing caches
     # compile a graph per pass form (Coconut: 8 graphs, about 8 minutes) and stay eager.
     compile_pays: ClassVar[bool] = False
+    # Whether every pass keeps each sequence's columns in order, one after the other, so that a
+    # backbone with `model.token_shift` sees each position's true predecessors (prefix, cached
+    # decoding, feedback passes); passes that crop caches or pack traces after a sequence do not.
+    token_shift_ok: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig, backbone: PreTrainedModel,
                  tokenizer: PreTrainedTokenizerBase) -> None:

@@ -122,6 +122,8 @@ class Coprocessor(Method):
     """Base + Coprocessor; `liu`, `h1` and `h2` are this class with different configs."""
 
     config: AnyCoprocessorConfig
+    # The Base reads latents spliced into its cache, and traces packed after the text.
+    token_shift_ok = False
 
     def __init__(self, config: AnyCoprocessorConfig, backbone: PreTrainedModel,
                  tokenizer: PreTrainedTokenizerBase) -> None:

@@ -90,6 +90,12 @@ def build_method(config: RunConfig, training_texts: Iterable[str], run_dir: Path
             # the same backbone), once the model has loaded.
             new_tokenizer = copy.deepcopy(tokenizer)
         backbone = build_backbone(config.model, tokenizer, config.train.seed)
+    shift = getattr(backbone.config, "token_shift", 0)
+    if shift and not cls.token_shift_ok:
+        raise ConfigError(f"method {cls.name!r} cannot run a backbone with a token shift "
+                          f"(model.token_shift={shift}): its passes do not keep each "
+                          "sequence's columns in order", fix="use a backbone without one "
+                          "(model.token_shift=0, a model.init_from run trained without it)")
     new_tokens = add_special_tokens(tokenizer, backbone, cls.special_tokens(config.method))
     method = cls(config.method, backbone, tokenizer)
     method.init_new_tokens(new_tokens)
@@ -113,7 +119,7 @@ def _init_source(config: RunConfig) -> Path:
                           if source.path.is_dir() else f"{where} does not exist",
                           fix="point it at the directory of a finished `latentlab train` run")
     before = source.config().model
-    compared = ("name", "tokenizer", "tokenizer_vocab_size", "preset_overrides")
+    compared = ("name", "tokenizer", "tokenizer_vocab_size", "preset_overrides", "token_shift")
     differ = [k for k in compared if getattr(before, k) != getattr(config.model, k)]
     if differ:
         theirs = ", ".join(f"model.{k}={getattr(before, k)}" for k in differ)

@@ -41,6 +41,9 @@ class LatentSFT(Method):
     analysis_options = LatentSFTAnalysis
     phase: ClassVar[str]
     phases: ClassVar[dict[str, type[LatentSFT]]] = {}
+    # Rows that stop their latents early leave masked columns inside a sequence, and the
+    # encoder reads chunks through a custom mask.
+    token_shift_ok = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
