@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
+from presets import PRESETS, backbone_for
 
-from latentlab.backbones import ModelConfig, add_special_tokens, build_backbone, train_tokenizer
+from latentlab.backbones import add_special_tokens, train_tokenizer
 from latentlab.engine.generation import left_pad
 from latentlab.methods.coprocessor import H1, H2, H1Config, H2Config, Liu, LiuConfig
 from latentlab.tasks.base import Example
@@ -23,7 +24,7 @@ VARIANTS = {"liu": (Liu, LiuConfig), "h1": (H1, H1Config), "h2": (H2, H2Config)}
 def make(variant: str, preset: str = "gpt2-tiny", n_latents: int = 3, **options):
     cls, config_cls = VARIANTS[variant]
     tok = train_tokenizer(TEXTS, 300)
-    backbone = build_backbone(ModelConfig(name=preset), tok, seed=0)
+    backbone = backbone_for(preset, tok, seed=0)
     config = config_cls(latent_budget=n_latents, **options)
     add_special_tokens(tok, backbone, cls.special_tokens(config))
     torch.manual_seed(1)
@@ -111,7 +112,7 @@ def test_kv_injection_equals_explicit_attention_over_base_and_coprocessor_keys(v
     assert n_head == 1
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("variant", ["liu", "h1"])
 def test_positions_match_a_base_that_read_the_latents_as_tokens(preset: str, variant: str) -> None:
     """With the Coprocessor an exact copy of the Base and soft tokens equal to the embeddings of
@@ -145,7 +146,7 @@ def test_positions_match_a_base_that_read_the_latents_as_tokens(preset: str, var
             torch.testing.assert_close(out.hidden[row], expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("variant", ["liu", "h2"])
 def test_cached_generation_equals_uncached_recomputation(preset: str, variant: str) -> None:
     method = make(variant, preset)
@@ -168,7 +169,7 @@ def test_cached_generation_equals_uncached_recomputation(preset: str, variant: s
         assert completion == method.tokenizer.decode(generated)
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_h1_batched_generation_equals_one_example_at_a_time(preset: str) -> None:
     method = make("h1", preset)
     batched = method.generate(EXAMPLES, 8)

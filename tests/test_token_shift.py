@@ -25,11 +25,12 @@ from latentlab.backbones import (
     train_tokenizer,
 )
 from latentlab.errors import ConfigError, ModelError
+from latentlab.methods.coprocessor import H2, H2Config
 from latentlab.methods.cot import CoT, CoTConfig
 from latentlab.model_config import ModelConfig
 from latentlab.recipes import build_method, load_run, train
 from latentlab.tasks.base import Example
-from latentlab.token_shift import TokenShift
+from latentlab.token_shift import ColumnInputs, TokenShift
 
 TEXTS = ["Every wumpus is a yumpus. Tom is a wumpus. Is Tom a yumpus or zorpus?\n"
          "Tom is a wumpus.\nEvery wumpus is a yumpus.\n### Tom is a yumpus."] * 20
@@ -40,16 +41,33 @@ def test_the_shift_is_a_causal_depthwise_convolution_with_a_residual() -> None:
     shift = TokenShift(hidden_size=6, width=4, index=0)
     torch.nn.init.normal_(shift.weight)
     hidden = torch.randn(2, 9, 6)
-    mixed, last = shift(hidden, torch.arange(9)[None], None)
+    mixed = shift(hidden, torch.arange(9)[None], None)
     # Independent: torch's convolution, padded on the left; its kernel runs oldest first.
     kernel = shift.weight.flip(0).T[:, None, :]  # [d, 1, w]
     conv = torch.nn.functional.conv1d(hidden.transpose(1, 2), kernel, padding=3, groups=6)
     torch.testing.assert_close(mixed, hidden + conv[..., :9].transpose(1, 2))
-    assert torch.equal(last, hidden[:, -3:])
     # A sequence starting at column 4 (positions 0.. from there) sees nothing before it.
-    later, _ = shift(hidden, (torch.arange(9) - 4).clamp(min=0)[None], None)
-    alone, _ = shift(hidden[:, 4:], torch.arange(5)[None], None)
+    later = shift(hidden, (torch.arange(9) - 4).clamp(min=0)[None], None)
+    alone = shift(hidden[:, 4:], torch.arange(5)[None], None)
     torch.testing.assert_close(later[:, 4:], alone)
+    # Columns 0-5 as two passes over a cache: the second gets the first's last three.
+    first = shift(hidden[:, :6], torch.arange(6)[None], None)
+    second = shift(hidden[:, 6:], torch.arange(6, 9)[None], hidden[:, 3:6])
+    torch.testing.assert_close(torch.cat([first, second], 1), mixed)
+
+
+def test_column_inputs_follow_the_cache_through_crops_and_gaps() -> None:
+    columns = ColumnInputs()
+    x = torch.arange(10.0).view(1, 10, 1)
+    columns.record(0, x[:, :4])  # columns 0-3
+    columns.record(4, x[:, 4:5])  # column 4
+    assert columns.before(5, 3, x).flatten().tolist() == [2, 3, 4]
+    assert columns.before(2, 3, x).flatten().tolist() == [0, 0, 1]  # before column 0: zero
+    columns.record(3, x[:, 7:9] * 10)  # the cache was cropped to 3 columns, then grew by two
+    assert columns.before(5, 3, x).flatten().tolist() == [2, 70, 80]
+    # Columns 5-6 read by a model without a shift (spliced keys and values): zero.
+    columns.record(7, x[:, 9:])
+    assert columns.before(8, 4, x).flatten().tolist() == [80, 0, 0, 9]
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "qwen3-tiny"])
@@ -160,18 +178,28 @@ def test_engine_trains_resumes_and_continues_a_shifted_model(tmp_path: Path) -> 
     state = reloaded.state_dict()
     assert all(torch.equal(a[k], state[k]) for k in learned)
 
-    # Continued by a method whose passes keep the columns in order; refused by one whose
-    # passes do not, and by a config that does not name the Base's shift.
+    # Continued by methods whose passes keep the columns in order (the Coprocessor's Base
+    # and its copy, the Coprocessor, both shifted); refused by one whose passes do not, and by
+    # a config that does not name the Base's shift.
     nocot = build_method(tiny(tmp_path / "nocot", shift, "method.name=nocot",
                               f"model.init_from={straight}"), [], tmp_path / "nocot")
     assert all(torch.equal(a[k], nocot.state_dict()[k]) for k in learned)
-    with pytest.raises(ConfigError, match=r"method 'h2' cannot run a backbone with a token "
-                                          r"shift \(model.token_shift=4\)"):
-        build_method(tiny(tmp_path / "h2", shift, "method.name=h2",
-                          f"model.init_from={straight}"), [], tmp_path / "h2")
+    h2 = build_method(tiny(tmp_path / "h2", shift, "method.name=h2",
+                           f"model.init_from={straight}"), [], tmp_path / "h2")
+    state = h2.state_dict()
+    assert all(torch.equal(a[k], state[k]) for k in learned)
+    assert all(torch.equal(a[k], state[k.replace("backbone.", "coprocessor.", 1)])
+               for k in learned)
     with pytest.raises(ConfigError, match=r"model\.token_shift=4, not the one"):
         build_method(tiny(tmp_path / "plain", "method.name=nocot",
                           f"model.init_from={straight}"), [], tmp_path / "plain")
     with pytest.raises(ConfigError, match="method 'latent_sft' cannot run"):
         build_method(tiny(tmp_path / "sft", shift, "method.name=latent_sft"), [],
                      tmp_path / "sft")
+
+
+def test_coprocessor_text_pretraining_refuses_a_shifted_base() -> None:
+    tok = train_tokenizer(TEXTS, 300)
+    method = H2(H2Config(), backbone_for("gpt2-tiny" + SHIFT, tok), tok)
+    with pytest.raises(ConfigError, match="text pretraining with a token-shifted Base"):
+        method.encode_text(list(range(64)))

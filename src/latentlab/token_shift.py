@@ -14,11 +14,13 @@ The layer rides on an unmodified Hugging Face model (a forward pre-hook per deco
 weights a submodule of each layer), so `save_pretrained` writes them beside the model's own and
 `load_token_shift` puts them back after `from_pretrained`. Position ids decide which neighbours
 exist: h_{t-k} enters only where position_t >= k, so left padding, packed rows (positions
-restart at each example) and every row's start see no other sequence. A key/value cache carries
-each layer's last w-1 inputs (`Cache.token_shift_inputs`), so cached decoding, Coconut's and
-CODI's multi-pass steps equal recomputing the whole sequence. Passes that rearrange a cache
-(cropping it, packing several traces after one sequence) are not neighbours in this sense: the
-methods that run them declare `Method.token_shift_ok = False`.
+restart at each example) and every row's start see no other sequence. A key/value cache also
+holds each layer's inputs by column (`ColumnInputs`, in `Cache.token_shift_inputs`), so cached
+decoding, Coconut's and CODI's multi-pass steps equal recomputing the whole sequence, and the
+Coprocessor's passes equal the Base reading the cache's columns as one sequence (its keys and
+values stand in for the Base's, its layer inputs for the Base's too). Passes that place
+columns out of sequence order (traces packed after a text, rows that stop early) cannot be
+shifted: their methods declare `Method.token_shift_ok = False` or refuse that path.
 """
 
 from __future__ import annotations
@@ -47,11 +49,9 @@ class TokenShift(nn.Module):
         self.weight = nn.Parameter(torch.zeros(width, hidden_size))
         self.index = index  # the layer's place, keying its inputs in a cache
 
-    def forward(self, hidden: Tensor, positions: Tensor,
-                before: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(self, hidden: Tensor, positions: Tensor, before: Tensor | None) -> Tensor:
         """`hidden` [B, T, d] mixed with its predecessors; `before` [B, w-1, d]: the inputs
-        that precede column 0 in a cache (None: nothing does). Also returns the last w-1
-        inputs, for the next pass over the same cache."""
+        of the w-1 columns before column 0 in a cache (None: there are none)."""
         width = self.weight.shape[0]
         if before is None:
             before = hidden.new_zeros(hidden.shape[0], width - 1, hidden.shape[2])
@@ -62,7 +62,42 @@ class TokenShift(nn.Module):
             exists = (positions >= k).unsqueeze(-1).to(hidden.dtype)  # [B or 1, T, 1]
             back = inputs[:, width - 1 - k: width - 1 - k + length]
             out = out + self.weight[k].to(hidden.dtype) * back * exists
-        return out, inputs[:, inputs.shape[1] - (width - 1):]
+        return out
+
+
+class ColumnInputs:
+    """One layer's inputs by cache column, as pieces in the order passes added them (a pass's
+    own tensor, no copy of earlier columns: Coconut's passes backpropagate through them).
+    `before` and `record` take the cache's length before the pass, so a cropped cache drops
+    what was recorded after its new end, and columns that no shifted layer read (keys and
+    values spliced in by another model) count as zero."""
+
+    def __init__(self) -> None:
+        self.pieces: list[tuple[int, Tensor]] = []  # (first column, inputs [B, n, d])
+
+    def before(self, past: int, count: int, like: Tensor) -> Tensor:
+        """Inputs of the `count` columns before column `past`: [B, count, d]."""
+        parts, column = [], past - count
+        for start, piece in self.pieces:
+            end = start + piece.shape[1]
+            if end <= column or start >= past:
+                continue
+            if start > column:
+                parts.append(like.new_zeros(like.shape[0], start - column, like.shape[2]))
+                column = start
+            parts.append(piece[:, column - start: min(end, past) - start])
+            column = min(end, past)
+        if column < past:
+            parts.append(like.new_zeros(like.shape[0], past - column, like.shape[2]))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def record(self, past: int, inputs: Tensor) -> None:
+        """`inputs` are columns past, past+1, ...; what was recorded from `past` on is gone."""
+        kept = []
+        for start, piece in self.pieces:
+            if start < past:
+                kept.append((start, piece[:, : past - start]))
+        self.pieces = [*kept, (past, inputs)]
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
@@ -91,12 +126,16 @@ def _shift_inputs(layer: nn.Module, args: tuple, kwargs: dict[str, Any]
     if cache is None and len(args) > 1 and isinstance(args[1], Cache):  # GPT-2: positional
         cache = args[1]
     shift: TokenShift = layer.token_shift
-    kept = getattr(cache, "token_shift_inputs", None) if cache is not None else None
-    mixed, last = shift(hidden, positions, None if kept is None else kept.get(shift.index))
-    if cache is not None:
-        if kept is None:
-            kept = cache.token_shift_inputs = {}
-        kept[shift.index] = last
+    if cache is None:
+        mixed = shift(hidden, positions, None)
+    else:
+        if not hasattr(cache, "token_shift_inputs"):
+            cache.token_shift_inputs = {}
+        columns = cache.token_shift_inputs.setdefault(shift.index, ColumnInputs())
+        past = cache.get_seq_length(shift.index)  # the layer has not added this pass's yet
+        width = shift.weight.shape[0]
+        mixed = shift(hidden, positions, columns.before(past, width - 1, hidden) if past else None)
+        columns.record(past, hidden)
     if given:
         return args, {**kwargs, "hidden_states": mixed}
     return (mixed, *args[1:]), kwargs

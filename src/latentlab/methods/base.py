@@ -115,7 +115,7 @@ class Method(nn.Module, ABC):
     compile_pays: ClassVar[bool] = False
     # Whether every pass keeps each sequence's columns in order, one after the other, so that a
     # backbone with `model.token_shift` sees each position's true predecessors (prefix, cached
-    # decoding, feedback passes); passes that crop caches or pack traces after a sequence do not.
+    # decoding, feedback passes, the Coprocessor's cache); rows that stop early leave gaps.
     token_shift_ok: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig, backbone: PreTrainedModel,

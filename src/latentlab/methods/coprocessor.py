@@ -61,6 +61,7 @@ from latentlab.methods.base import (
     part_lm_loss,
 )
 from latentlab.tasks.base import Example
+from latentlab.token_shift import add_token_shift
 
 
 class CoprocessorBatch(TokenBatch, total=False):
@@ -122,8 +123,6 @@ class Coprocessor(Method):
     """Base + Coprocessor; `liu`, `h1` and `h2` are this class with different configs."""
 
     config: AnyCoprocessorConfig
-    # The Base reads latents spliced into its cache, and traces packed after the text.
-    token_shift_ok = False
 
     def __init__(self, config: AnyCoprocessorConfig, backbone: PreTrainedModel,
                  tokenizer: PreTrainedTokenizerBase) -> None:
@@ -135,6 +134,8 @@ class Coprocessor(Method):
 
             self.coprocessor = AutoModelForCausalLM.from_config(
                 backbone.config, attn_implementation=backbone.config._attn_implementation)
+            if shift := getattr(backbone.config, "token_shift", 0):  # the Base's architecture
+                add_token_shift(self.coprocessor, shift)
         # The Coprocessor reads soft tokens and a cache, never token ids, and its LM head is
         # never used: freezing them keeps them out of the optimizer (and out of DDP's
         # unused-parameter check).
@@ -162,6 +163,12 @@ class Coprocessor(Method):
         """A pretraining window and its M augmentation points (distinct, sorted, each with
         N_A tokens after it), drawn from a hash of the window so that every epoch and every
         resumed run sees the same points."""
+        if shift := getattr(self.backbone.config, "token_shift", 0):
+            raise ConfigError(f"text pretraining with a token-shifted Base (model.token_shift="
+                              f"{shift}) is not supported: its traces sit after the whole "
+                              "window, not after their augmentation points, so the shift "
+                              "would mix in the wrong neighbours",
+                              fix="pretrain a Base without model.token_shift")
         room = len(ids) - self.config.ahead_tokens
         if room < self.config.augmentation_points:
             raise ConfigError(f"task.seq_len={len(ids)} leaves room for fewer than "
