@@ -29,12 +29,15 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
-from transformers import Cache, PreTrainedModel
+from transformers.cache_utils import Cache  # not the model code: configs load without it
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 from latentlab.errors import ModelError
 
