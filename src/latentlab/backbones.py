@@ -33,7 +33,12 @@ from transformers.utils import cached_file
 from latentlab.errors import ModelError
 from latentlab.model_config import ModelConfig
 from latentlab.paths import resolve_path
-from latentlab.token_shift import add_token_shift, load_token_shift, quiet_shift_report
+from latentlab.token_shift import (
+    add_token_shift,
+    load_token_shift,
+    quiet_shift_report,
+    shift_width,
+)
 
 
 @dataclass(frozen=True)
@@ -190,7 +195,7 @@ def _load(cls: Any, source: str, **kwargs: Any) -> Any:
     cache's copy)."""
     with quiet_shift_report():
         loaded = cls.from_pretrained(source, **kwargs)
-    if isinstance(loaded, PreTrainedModel) and getattr(loaded.config, "token_shift", 0):
+    if isinstance(loaded, PreTrainedModel) and shift_width(loaded.config):
         load_token_shift(loaded, Path(cached_file(source, "config.json")).parent)
     return loaded
 

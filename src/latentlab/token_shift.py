@@ -36,12 +36,17 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from transformers.cache_utils import Cache  # not the model code: configs load without it
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
-
 from latentlab.errors import ModelError
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
 CONFIG_KEY = "token_shift"  # the width, in the Hugging Face config (saved in config.json)
+
+
+def shift_width(config: PretrainedConfig) -> int:
+    """The token shift a model's Hugging Face config names (0: none)."""
+    return getattr(config, CONFIG_KEY, 0) or 0
 
 
 class TokenShift(nn.Module):
@@ -150,7 +155,7 @@ def add_token_shift(model: PreTrainedModel, width: int) -> None:
     if width < 2:
         raise ModelError(f"model.token_shift={width}: a shift mixes at least 2 positions",
                          fix="set model.token_shift to 0 (off) or a width >= 2 (e.g. 4)")
-    have = getattr(model.config, CONFIG_KEY, 0) or 0
+    have = shift_width(model.config)
     layers = decoder_layers(model)
     if hasattr(layers[0], "token_shift"):
         if have != width:
@@ -169,10 +174,9 @@ def add_token_shift(model: PreTrainedModel, width: int) -> None:
 def load_token_shift(model: PreTrainedModel, directory: Path) -> None:
     """After `from_pretrained(directory)`: rebuild the token shift that the saved config names
     (transformers drops weights its own class does not have) and read its weights back."""
-    width = getattr(model.config, CONFIG_KEY, 0) or 0
+    width = shift_width(model.config)
     if not width:
         return
-    setattr(model.config, CONFIG_KEY, 0)  # not yet added to this model
     add_token_shift(model, width)
     wanted = {name: p for name, p in model.named_parameters() if ".token_shift." in name}
     found: set[str] = set()

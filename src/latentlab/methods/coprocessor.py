@@ -61,7 +61,7 @@ from latentlab.methods.base import (
     part_lm_loss,
 )
 from latentlab.tasks.base import Example
-from latentlab.token_shift import add_token_shift
+from latentlab.token_shift import add_token_shift, shift_width
 
 
 class CoprocessorBatch(TokenBatch, total=False):
@@ -134,7 +134,7 @@ class Coprocessor(Method):
 
             self.coprocessor = AutoModelForCausalLM.from_config(
                 backbone.config, attn_implementation=backbone.config._attn_implementation)
-            if shift := getattr(backbone.config, "token_shift", 0):  # the Base's architecture
+            if shift := shift_width(backbone.config):  # the Base's architecture
                 add_token_shift(self.coprocessor, shift)
         # The Coprocessor reads soft tokens and a cache, never token ids, and its LM head is
         # never used: freezing them keeps them out of the optimizer (and out of DDP's
@@ -163,7 +163,7 @@ class Coprocessor(Method):
         """A pretraining window and its M augmentation points (distinct, sorted, each with
         N_A tokens after it), drawn from a hash of the window so that every epoch and every
         resumed run sees the same points."""
-        if shift := getattr(self.backbone.config, "token_shift", 0):
+        if shift := shift_width(self.backbone.config):
             raise ConfigError(f"text pretraining with a token-shifted Base (model.token_shift="
                               f"{shift}) is not supported: its traces sit after the whole "
                               "window, not after their augmentation points, so the shift "

@@ -30,6 +30,7 @@ from latentlab.methods import METHODS, Method, UpstreamRun
 from latentlab.paths import resolve_path
 from latentlab.recipes.run_dir import CONFIG_FILE, RunDir
 from latentlab.tasks import build_task
+from latentlab.token_shift import shift_width
 
 
 def make_accelerator(mixed_precision: str, find_unused_parameters: bool = False,
@@ -90,7 +91,7 @@ def build_method(config: RunConfig, training_texts: Iterable[str], run_dir: Path
             # the same backbone), once the model has loaded.
             new_tokenizer = copy.deepcopy(tokenizer)
         backbone = build_backbone(config.model, tokenizer, config.train.seed)
-    shift = getattr(backbone.config, "token_shift", 0)
+    shift = shift_width(backbone.config)
     if shift and not cls.token_shift_ok:
         raise ConfigError(f"method {cls.name!r} cannot run a backbone with a token shift "
                           f"(model.token_shift={shift}): its passes do not keep each "
