@@ -11,6 +11,7 @@ from presets import PRESETS, backbone_for
 from latentlab.backbones import add_special_tokens, train_tokenizer
 from latentlab.engine.generation import left_pad
 from latentlab.methods.coprocessor import H1, H2, H1Config, H2Config, Liu, LiuConfig
+from latentlab.recipes.compute import counted_flops, flops_per_example
 from latentlab.tasks.base import Example
 
 EXAMPLES = [
@@ -167,6 +168,21 @@ def test_cached_generation_equals_uncached_recomputation(preset: str, variant: s
                     break
                 generated.append(token)
         assert completion == method.tokenizer.decode(generated)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("variant", ["liu", "h1", "h2"])
+def test_flops_are_counted_on_every_backbone_alike_with_and_without_autograd(
+        preset: str, variant: str) -> None:
+    # Results report FLOPs counted under no_grad; with autograd on, every tensor a module
+    # receives has a grad_fn, so PyTorch's module tracker has what it hooks.
+    method = make(variant, preset)
+    batch = method.collate([method.encode(EXAMPLES[0])])
+    with torch.no_grad():
+        without = counted_flops(lambda: method(batch))
+    assert without == counted_flops(lambda: method(batch)) > 0
+    counted = flops_per_example(method, EXAMPLES[:1], EXAMPLES[:1], 4)
+    assert counted["train_forward"] == without and counted["inference"] > 0
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -221,13 +221,19 @@ class Coprocessor(Method):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_base):
             return prefill(self.backbone, prompt_mask, input_ids=prompt_ids)
 
+    def soft_rows(self, batch: int) -> Tensor:
+        """The soft tokens for every row, [B, N_L, d]: a copy, not an expanded view, because
+        a view of a parameter made under no_grad requires grad without a grad_fn, which
+        PyTorch's module tracker (FlopCounterMode, `recipes.compute`) cannot hook."""
+        return self.soft_tokens.unsqueeze(0).repeat(batch, 1, 1)
+
     def augment(self, state: DecodeState) -> tuple[DecodeState, Tensor]:
         """Pass 2: the Coprocessor reads the Base's cache and the soft tokens in one forward.
 
         Returns the state the Base continues from, and the latents `Z` [B, N_L, d].
         """
         batch, n = state.attention_mask.shape[0], self.config.latent_budget
-        soft = self.soft_tokens.unsqueeze(0).expand(batch, -1, -1)
+        soft = self.soft_rows(batch)
         ones = state.attention_mask.new_ones((batch, n))
         augmented = extend(self.coprocessor, state, ones, inputs_embeds=soft)
         latents = augmented.hidden
@@ -319,7 +325,7 @@ class Coprocessor(Method):
         batch, length = text.shape
         n, ahead = self.config.latent_budget, self.config.ahead_tokens
         keys = torch.arange(length, device=text.device)
-        soft = self.soft_tokens.unsqueeze(0).expand(batch, -1, -1)
+        soft = self.soft_rows(batch)
         states, all_latents = [], []
         for m in range(points.shape[1]):
             seen = (keys[None] <= points[:, m, None]).long()  # x_{<=p} of each row
