@@ -80,6 +80,9 @@ def test_report_of_a_tiny_countdown_sweep(tmp_path: Path) -> None:
     # 4-step runs score 0 everywhere: give every run its own test accuracy and validation
     # curve, so that a mix-up of runs, seeds or steps changes a plotted number.
     run_dirs = sorted(p.parent for p in sweep.glob("*/results.json"))
+    for run_dir in run_dirs:  # the soft runs start from the No-CoT Base
+        config, results = read(run_dir)
+        assert results["starts_from"] == ("nocot" if config["model"]["init_from"] else None)
     for i, run_dir in enumerate(run_dirs):
         results = json.loads((run_dir / "results.json").read_text())
         results["test"]["accuracy"] = (i + 1) / 16
@@ -244,3 +247,25 @@ def test_perplexity_against_the_orthogonality_weight(tmp_path: Path) -> None:
     assert line.label == "liu N_L=8" and line.x == [0.0, 3.0] and line.y == [11.0, 16.0]
     assert line.n == [2, 2] and line.err == pytest.approx([2 ** 0.5, 2 ** 0.5])
     assert perplexity_vs_orthogonality(group_runs(runs[:2]), "test") is None
+
+
+def test_runs_of_one_method_that_started_from_different_runs_are_told_apart(
+        tmp_path: Path) -> None:
+    # results.json's starts_from (the method of the model.init_from run; null: random init)
+    # separates the groups; runs written before it was recorded stay unlabelled.
+    for name, starts, accuracy in [("scratch", None, 0.5), ("tuned", "cot", 0.8),
+                                   ("old", "absent", 0.6)]:
+        run_dir = tmp_path / "runs" / name
+        run_dir.mkdir(parents=True)
+        config = {"task": {"name": "prosqa"}, "method": {"name": "nocot"},
+                  "train": {"seed": 0}}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+        results: dict[str, Any] = {"test": {"accuracy": accuracy}}
+        if starts != "absent":
+            results["starts_from"] = starts
+        (run_dir / "results.json").write_text(json.dumps(results))
+    markdown = (build_report([tmp_path / "runs"], tmp_path / "report").out
+                / "report.md").read_text()
+    assert "| nocot (from=random init) | 50.0 ± 0.0 (1) |" in markdown
+    assert "| nocot (from=cot) | 80.0 ± 0.0 (1) |" in markdown
+    assert "| nocot (from=None) | 60.0 ± 0.0 (1) |" in markdown

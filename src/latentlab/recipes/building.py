@@ -133,6 +133,13 @@ def _init_source(config: RunConfig) -> Path:
     return best
 
 
+def starts_from(config: RunConfig) -> str | None:
+    """The method of the run `model.init_from` names; None for random initialisation."""
+    if not config.model.init_from:
+        return None
+    return RunDir(resolve_path(str(config.model.init_from))).config().method.name
+
+
 def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[Method, RunConfig]:
     """The best model of a finished run, ready for `evaluate`."""
     run = RunDir(run_dir)

@@ -17,7 +17,7 @@ from latentlab.config import RunConfig, flatten_dotted
 from latentlab.engine.trainer import Trainer
 from latentlab.errors import ConfigError, NumericalError
 from latentlab.recipes import pretraining, reasoning
-from latentlab.recipes.building import load_run, make_accelerator, method_class
+from latentlab.recipes.building import load_run, make_accelerator, method_class, starts_from
 from latentlab.recipes.pipeline import Recipe
 from latentlab.recipes.run_dir import RunDir
 from latentlab.tasks import Split, build_task
@@ -94,6 +94,7 @@ def _train(config: RunConfig, resume: bool, run: RunDir, acc: Accelerator) -> di
     best, _ = load_run(run.path, acc.device)
     results: dict[str, Any] = {"task": config.task.name, "method": config.method.name,
                                "model": config.model.name, "run_dir": str(run.path),
+                               "starts_from": starts_from(config),
                                "parameters": n_params, "trainable_parameters": n_trainable,
                                "latent_budget": method.latent_budget(),
                                "best_step": state.best_step, "steps": state.step,

@@ -155,7 +155,12 @@ def read_run(run_dir: Path) -> Run:
         for name in ("accuracy", "perplexity"):
             if isinstance(row.get(name), int | float):
                 curves.setdefault(name, []).append((int(row["step"]), float(row[name])))
-    return Run(run_dir, flatten_dotted(config), results, curves, analyses)
+    # Where a run started (the upstream's method) tells apart two runs of one method, one
+    # from random weights and one fine-tuned from another method's model. Runs written
+    # before results.json recorded it: unknown (None).
+    start = (results["starts_from"] or "random init") if "starts_from" in results else None
+    config = flatten_dotted(config) | {"from": start}
+    return Run(run_dir, config, results, curves, analyses)
 
 
 # ------------------------------------------------------------------------------------------
