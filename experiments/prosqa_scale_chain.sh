@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # ProsQA from random initialisation with the recipes' token shift (configs/prosqa_cot.yaml), at
-# three model sizes, one control without the shift, and Countdown CoT with the shift, all
+# three model sizes, one control without the shift, and Countdown-4 CoT with the shift, all
 # sharing one GPU for TRAIN_MINUTES (default 10) each; scored on Coconut's prosqa_valid.json:
 #   prosqa-cot-2x128-small          Qwen-3 blocks 2 x 128, graphs of 4-6 concepts, 1-2 hops only
 #   prosqa-cot-2x128-small-noshift  the same with model.token_shift=0
 #   prosqa-cot-4x256                4 x 256, a long curriculum from small graphs to Coconut's
 #   prosqa-cot-12x384               qwen3-12x384, the short curriculum (`small_first`, timed.sh)
 #   prosqa-nocot-12x384             the same shape and curriculum, No-CoT
-#   countdown4-cot-shift            countdown4_cot.yaml with model.token_shift=4
+#   countdown4-cot                  countdown4_cot.yaml (with the token shift)
+# then, for METHOD_MINUTES (default 6) each, from the best model of prosqa-cot-12x384:
+#   prosqa-nocot-from-cot-12x384    No-CoT fine-tuned from the CoT model (on small graphs a
+#                                   model trained on answers alone stays at guessing)
+#   prosqa-coconut-12x384           prosqa_coconut.yaml
 #   LATENTLAB_SHARED=/path/to/shared bash experiments/prosqa_scale_chain.sh OUT [key=value ...]
 set -uo pipefail
 source "$(dirname "$0")/timed.sh"
@@ -30,6 +34,12 @@ run prosqa-cot-12x384 prosqa_cot "${rope[@]}" "$small_first" train.eval_every=10
   "$minutes" "$@" &
 run prosqa-nocot-12x384 prosqa_nocot "${rope[@]}" "$small_first" train.eval_every=1000 \
   "$minutes" "$@" &
-run countdown4-cot-shift countdown4_cot model.token_shift=4 "$minutes" "$@" &
+run countdown4-cot countdown4_cot "$minutes" "$@" &
+wait
+method_minutes=train.max_time=${METHOD_MINUTES:-6}
+from_cot=(model.init_from="$R/prosqa-cot-12x384" "task.curriculum=[]" "$method_minutes")
+run prosqa-nocot-from-cot-12x384 prosqa_nocot "${rope[@]}" "${from_cot[@]}" train.lr=3e-4 \
+  train.schedule=constant train.warmup_steps=0 "$@" &
+run prosqa-coconut-12x384 prosqa_coconut "${rope[@]}" "${from_cot[@]}" "$@" &
 wait
 cat "$R/times.tsv"
