@@ -15,7 +15,7 @@ from latentlab.backbones import add_special_tokens, build_backbone, train_tokeni
 from latentlab.methods import METHODS
 from latentlab.model_config import ModelConfig
 from latentlab.recipes import train
-from latentlab.recipes.dependence import ABLATIONS, ablated, derangement
+from latentlab.recipes.dependence import ABLATIONS, ablated, derangement, latent_dependence
 from latentlab.study.report import build_report
 from latentlab.tasks.base import Example
 
@@ -82,6 +82,15 @@ def test_each_method_feeds_the_latent_inputs_it_is_given(key: str) -> None:
     assert method.generate(EXAMPLES, 4, latent_inputs=own) == method.generate(EXAMPLES, 4)
 
 
+@pytest.mark.parametrize("mode", ["pause_as_thought", "no_thought"])
+def test_coconut_ablation_modes_refuse_replacements(mode: str) -> None:
+    method = make("coconut")
+    method.config.mode = mode  # the paper's ablations feed no thoughts back
+    assert not method.has_latent_inputs()
+    with pytest.raises(Exception, match="has no latent inputs"):
+        method.generate(EXAMPLES, 2, latent_inputs=torch.zeros(3, 4, 128))
+
+
 @pytest.mark.parametrize("name", ["cot", "nocot"])
 def test_methods_without_latents_refuse_replacements(name: str) -> None:
     cls = METHODS[name]
@@ -91,6 +100,39 @@ def test_methods_without_latents_refuse_replacements(name: str) -> None:
     assert not method.has_latent_inputs()
     with pytest.raises(Exception, match="has no latent inputs"):
         method.generate(EXAMPLES, 2, latent_inputs=torch.zeros(3, 1, 4))
+
+
+class Rank:
+    """What latent_dependence reads of an Accelerator: this process's place, and a sum over
+    processes (here the identity, recorded: each rank's partial counts come back as they are)."""
+
+    def __init__(self, index: int, processes: int) -> None:
+        self.process_index, self.num_processes, self.reduced = index, processes, 0
+
+    def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        assert reduction == "sum"
+        self.reduced += 1
+        return tensor
+
+
+class ByCompletion:
+    """A task that accepts an answer by the completion's characters, so a tiny random model
+    scores some examples right and some wrong, each ablation differently."""
+
+    def score(self, answer: str, example: Example) -> bool:
+        return sum(map(ord, answer + example.question)) % 2 == 0
+
+
+def test_processes_each_generate_their_share_and_the_sum_is_one_process_result() -> None:
+    method, task = make("soft"), ByCompletion()
+    examples = EXAMPLES * 3  # 9: shares of 5 and 4
+    alone = latent_dependence(method, task, examples, 2, 4)
+    ranks = [Rank(r, 2) for r in range(2)]
+    shares = [latent_dependence(method, task, examples, 2, 4, acc=rank) for rank in ranks]
+    assert [rank.reduced for rank in ranks] == [1, 1]
+    for kind in ABLATIONS:
+        assert shares[0][kind] + shares[1][kind] == pytest.approx(alone[kind])
+    assert 0 < alone["zeros"] < 1 or 0 < alone["mean"] < 1  # the task tells examples apart
 
 
 def test_a_training_run_reports_its_latent_dependence(tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ import yaml
 from test_training import TINY
 
 from latentlab.recipes import load_run
+from latentlab.recipes.dependence import latent_dependence
+from latentlab.tasks import build_task
 
 # 40 training examples, 4 per process and step: 5 steps per epoch on two processes, 10 on one.
 CONFIG = {**TINY, "method": {"name": "coconut", "max_latent_stage": 1, "epochs_per_stage": 1},
@@ -50,3 +52,9 @@ def test_two_cpu_processes_shard_the_data_and_write_one_run(tmp_path: Path) -> N
     assert results["test"]["n"] == 8
     assert [line for line in printed.splitlines() if line.startswith("{")] == [
         json.dumps(results)]  # the results line once, from the main process
+    # The latent ablations were generated half by each process and summed: the same numbers
+    # as one process scoring every example.
+    examples = build_task(config.task).load("test")
+    assert results["test"]["latent_dependence"] == latent_dependence(
+        method, build_task(config.task), examples, config.eval.batch_size,
+        config.eval.max_new_tokens)

@@ -300,6 +300,8 @@ class Coconut(Method):
     def before_answer(self, examples: list[Example],
                       latent_inputs: Tensor | None = None) -> DecodeState:
         """After `<eot>`: completions start with any steps left, then `###`."""
+        if latent_inputs is not None and not self.has_latent_inputs():
+            raise self._no_latent_inputs()  # no thoughts fed back that they could replace
         return self._think(examples, latent_inputs)[0]
 
     def has_latent_inputs(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from accelerate import Accelerator
 from torch import Tensor
 
 from latentlab.methods import Method
@@ -42,23 +43,28 @@ def ablated(inputs: Tensor, kind: str, generator: torch.Generator) -> Tensor:
 
 @torch.no_grad()
 def latent_dependence(method: Method, task: Task, examples: Sequence[Example], batch_size: int,
-                      max_new_tokens: int, seed: int = 0) -> dict[str, float]:
-    """Accuracy on `examples` with the latent inputs ablated each way (`ABLATIONS`)."""
+                      max_new_tokens: int, seed: int = 0,
+                      acc: Accelerator | None = None) -> dict[str, float]:
+    """Accuracy on `examples` with the latent inputs ablated each way (`ABLATIONS`). Every
+    process computes every example's latents (the mean and the derangement are over all of
+    them; one pass each, cheap), then generates for its share of the examples only."""
+    rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
     was_training = method.training
     method.eval()
     batches = [list(examples[s:s + batch_size]) for s in range(0, len(examples), batch_size)]
     inputs = torch.cat([method.latent_inputs(batch) for batch in batches])
     generator = torch.Generator().manual_seed(seed)
-    out: dict[str, float] = {}
-    for kind in ABLATIONS:
+    mine = list(range(rank, len(examples), world))
+    correct = torch.zeros(len(ABLATIONS), device=inputs.device)
+    for k, kind in enumerate(ABLATIONS):
         replaced = ablated(inputs, kind, generator)
-        correct, start = 0, 0
-        for batch in batches:
-            completions = method.generate(batch, max_new_tokens,
-                                          latent_inputs=replaced[start:start + len(batch)])
-            correct += sum(task.score(extract_answer(c), e)
-                           for c, e in zip(completions, batch, strict=True))
-            start += len(batch)
-        out[kind] = correct / len(examples)
+        for start in range(0, len(mine), batch_size):
+            idx = mine[start:start + batch_size]
+            batch = [examples[i] for i in idx]
+            completions = method.generate(batch, max_new_tokens, latent_inputs=replaced[idx])
+            correct[k] += sum(task.score(extract_answer(c), e)
+                              for c, e in zip(completions, batch, strict=True))
+    if acc is not None and world > 1:
+        correct = acc.reduce(correct, reduction="sum")
     method.train(was_training)
-    return out
+    return {kind: float(correct[k]) / len(examples) for k, kind in enumerate(ABLATIONS)}

@@ -115,7 +115,8 @@ def scored(method: Method, task: Task, examples: list[Example], eval_config: Eva
         result: dict[str, Any] = dict(metrics)
         if eval_config.latent_ablations and method.has_latent_inputs():
             result["latent_dependence"] = latent_dependence(
-                method, task, examples, eval_config.batch_size, eval_config.max_new_tokens)
+                method, task, examples, eval_config.batch_size, eval_config.max_new_tokens,
+                acc=acc)
     if acc.is_main_process and run_dir is not None:
         write_predictions(run_dir / f"predictions-{name}.jsonl", rows)
     return result
