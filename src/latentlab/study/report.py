@@ -50,7 +50,9 @@ IGNORED_KEYS = RESUMABLE_CHANGES | {"train.seed", "eval.splits", "eval.batch_siz
 # Keys every figure reads by name; the other keys that vary across runs form a group's variant.
 AXIS_KEYS = frozenset({"task.name", "task.operands", "method.name", "method.latent_budget"})
 TITLE_WIDTH = 45  # characters per line of a panel title (long variants wrap)
-MAX_TICKS = 12  # more x values than this (training steps) keep matplotlib's own ticks
+LEGEND_WIDTH = 60  # characters per line of a legend label
+LEGEND_LINE = 0.17  # inches of figure height per legend line (7-point text)
+MAX_TICKS = 12  # more distinct x values than this keep matplotlib's own ticks
 CSV_COLUMNS = ("run_dir", "task", "operands", "method", "latent_budget", "variant", "seed",
                "model", "split", "accuracy", "perplexity", "n", "valid_accuracy",
                "valid_perplexity", "test_accuracy", "test_perplexity", "h_off", "silhouette",
@@ -283,6 +285,9 @@ class Plot:
     panel_ylabels: dict[str, str] = field(default_factory=dict)  # where not `ylabel`
     # The y values are shares (accuracy, 0..1): the axis stays within 0..100% and reads in %.
     share: bool = False
+    # x takes a few values (N_L, operands, positions): ticks at those only; False (training
+    # steps): matplotlib's own ticks, which do not crowd.
+    discrete_x: bool = True
 
 
 def _line(label: str, points: dict[float, Stat], reference: bool = False) -> Line:
@@ -382,7 +387,8 @@ def validation_curves(groups: Sequence[Group], metric: str) -> Plot | None:
     return Plot(f"valid_{metric}", f"validation {metric} during training",
                 f"Validation {metric} logged during training (`metrics.jsonl`) against the "
                 "optimizer step; means over seeds at the steps every seed logged.",
-                "step", f"validation {metric}", panels=panels, share=metric == "accuracy")
+                "step", f"validation {metric}", panels=panels, share=metric == "accuracy",
+                discrete_x=False)
 
 
 def perplexity_by_position(groups: Sequence[Group], split: Split) -> Plot | None:
@@ -456,7 +462,14 @@ def render(plot: Plot, path: Path) -> Figure:
     cols = min(count, 3)
     rows = math.ceil(count / cols)
     side = 4.2 if plot.panels else 3.2
-    fig = Figure(figsize=(side * cols + 0.8, side * rows), layout="constrained")
+    # Legends go under their panel, labels wrapped (a variant can be long): each panel gets
+    # the height of the tallest legend, so that no legend covers lines.
+    legends = {title: [textwrap.fill(line.label, LEGEND_WIDTH) for line in lines]
+               for title, lines in plot.panels.items()}
+    legend_height = max((sum(label.count("\n") + 1 for label in labels)
+                         for labels in legends.values()), default=0) * LEGEND_LINE
+    fig = Figure(figsize=(side * cols + 0.8, (side + legend_height) * rows),
+                 layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[count:]:
@@ -472,9 +485,11 @@ def render(plot: Plot, path: Path) -> Figure:
                ylabel=plot.panel_ylabels.get(title, plot.ylabel))
         ticks = sorted({x for line in lines if not line.reference for x in line.x}
                        or {x for line in lines for x in line.x})
-        if len(ticks) <= MAX_TICKS and all(float(x).is_integer() for x in ticks):
+        if plot.discrete_x and len(ticks) <= MAX_TICKS \
+                and all(float(x).is_integer() for x in ticks):
             ax.set_xticks(ticks)  # N_L, operands, positions: only the values that exist
-        ax.legend(fontsize=7)
+        ax.legend(ax.containers, legends[title], fontsize=7, loc="upper center",
+                  bbox_to_anchor=(0.5, -0.16), frameon=False)
     image = None
     for ax, (title, matrix) in zip(axes, plot.heatmaps.items(), strict=False):
         image = _heatmap(ax, np.asarray(matrix, dtype=float), title)
