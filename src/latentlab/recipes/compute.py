@@ -16,30 +16,28 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import (
-    FlopCounterMode,
-    flop_registry,
-    register_flop_formula,
-    sdpa_flop_count,
-)
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from latentlab.engine.interface import batch_to
 from latentlab.methods import Method
 from latentlab.tasks import Example
 
+
+def _cpu_sdpa_flop(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size,
+                   *args: Any, **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 # PyTorch counts SDPA's GPU kernels but not its CPU one: without this, CPU counts would leave
 # attention out. Like PyTorch's own formula, the full query x key product (causal masking is
-# not subtracted).
-if torch.ops.aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:
-    @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
-    def _cpu_sdpa_flop(query_shape: torch.Size, key_shape: torch.Size,
-                       value_shape: torch.Size, *args: Any, **kwargs: Any) -> int:
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
+# not subtracted). Given to each counter, not registered in PyTorch's global table.
+CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
 
 
 def counted_flops(run: Callable[[], Any]) -> int:
     """The FLOPs of what `run` computes (compiled parts run eagerly while counting)."""
-    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
+    with torch.compiler.set_stance("force_eager"), \
+            FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
         run()
     return int(counter.get_total_flops())
 
