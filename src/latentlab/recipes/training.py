@@ -50,6 +50,9 @@ def _train(config: RunConfig, resume: bool, run: RunDir, acc: Accelerator) -> di
     task = build_task(config.task)
     pipeline = RECIPES[task.kind].pipeline(config, task, run.path, acc)
     method = pipeline.method
+    # Read now, while the upstream run surely exists (building the method just loaded it): a
+    # run whose upstream moves away meanwhile still writes its results.
+    origin = starts_from(config)
     if acc.is_main_process:
         run.path.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
@@ -94,7 +97,7 @@ def _train(config: RunConfig, resume: bool, run: RunDir, acc: Accelerator) -> di
     best, _ = load_run(run.path, acc.device)
     results: dict[str, Any] = {"task": config.task.name, "method": config.method.name,
                                "model": config.model.name, "run_dir": str(run.path),
-                               "starts_from": starts_from(config),
+                               "starts_from": origin,
                                "parameters": n_params, "trainable_parameters": n_trainable,
                                "latent_budget": method.latent_budget(),
                                "best_step": state.best_step, "steps": state.step,
