@@ -65,6 +65,14 @@ def value(group: G, key: str) -> Any:
     return getattr(group, key) if hasattr(group, key) else group.config.get(key)
 
 
+def measure(group: G, metric: str) -> M:
+    return getattr(group, metric)
+
+
+def label(group: G) -> str:
+    return f"{group.method} ({group.config})"
+
+
 def test_claims_are_checked_cell_by_cell() -> None:
     claims = ClaimsFile.model_validate({"claims": [
         {"id": "A1", "claim": "h2 > h1 > liu", "paper": "-", "command": "c",
@@ -72,14 +80,35 @@ def test_claims_are_checked_cell_by_cell() -> None:
     groups = [G("h2", 4, M(0.70, 0.01)), G("h1", 4, M(0.60, 0.01)), G("liu", 4, M(0.50, 0.01)),
               # At N_L = 8, H1 and Liu are tied within their spread: inconclusive there.
               G("h2", 8, M(0.70, 0.01)), G("h1", 8, M(0.52, 0.02)), G("liu", 8, M(0.50, 0.02))]
-    (checked,) = check(claims, groups, value, lambda g, metric: getattr(g, metric))
+    (checked,) = check(claims, groups, value, measure, label)
     assert checked.verdict == "inconclusive"
     assert checked.measured[0].startswith("task=countdown, operands=4, latent_budget=4: h2 0.7")
     assert [line.rsplit(": ", 1)[1] for line in checked.measured] == [
         "confirmed", "confirmed", "confirmed", "inconclusive"]
     groups[4] = G("h1", 8, M(0.40, 0.02))  # now H1 is below Liu at N_L = 8
-    (checked,) = check(claims, groups, value, lambda g, metric: getattr(g, metric))
+    (checked,) = check(claims, groups, value, measure, label)
     assert checked.verdict == "not confirmed"
+
+
+def test_a_selector_several_groups_match_is_compared_for_each_of_them() -> None:
+    claims = ClaimsFile.model_validate({"claims": [
+        {"id": "C1", "claim": "cot > nocot", "paper": "-", "command": "c", "per": ["task"],
+         "order": [{"method": "cot"}, {"method": "nocot"}]}]})
+    groups = [G("cot", None, M(0.80, 0.01)),
+              G("nocot", None, M(0.50, 0.01), config={"from": "random init"}),
+              G("nocot", None, M(0.85, 0.01), config={"from": "cot"})]
+    (checked,) = check(claims, groups, value, measure, label)
+    assert checked.measured == [
+        "task=countdown: cot 0.8 ± 0.01 (3) > nocot ({'from': 'random init'}) 0.5 ± 0.01 (3): "
+        "confirmed",
+        "task=countdown: cot 0.8 ± 0.01 (3) > nocot ({'from': 'cot'}) 0.85 ± 0.01 (3): "
+        "not confirmed"]
+    assert checked.verdict == "not confirmed"
+    # A selector that names the key picks one group, named by the selector.
+    claims.claims[0].order = [{"method": "cot"}, {"method": "nocot", "from": "cot"}]
+    (checked,) = check(claims, groups, value, measure, label)
+    assert checked.measured == ["task=countdown: cot 0.8 ± 0.01 (3) > nocot from=cot 0.85 ± "
+                                "0.01 (3): not confirmed"]
 
 
 def test_the_shipped_claims_file_is_valid_and_mistakes_are_named(tmp_path: Path) -> None:

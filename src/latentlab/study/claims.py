@@ -12,7 +12,9 @@ Metrics: `accuracy`, `perplexity`, `h_off`, `silhouette`, or any number of a run
 `analysis/NAME.json` as `NAME.KEY[.KEY...]` (Latent-SFT's `latent_sft.ecr_at_k`).
 
 A selector is a mapping of run-config keys (dotted, e.g. `method.orthogonality`) or the group
-fields `method`, `task`, `operands`, `latent_budget` to values. The verdict of one comparison
+fields `method`, `task`, `operands`, `latent_budget` to values. A selector that several groups
+of a cell match (one method started from random initialisation and from another run, say)
+makes one comparison for each of them, each named by its group's label. The verdict of one comparison
 uses the spread over seeds (the sample standard deviations added): a difference inside it is
 **inconclusive**, as is anything measured with fewer than `min_seeds` seeds; a claim is
 **confirmed** when every comparison is, **not confirmed** when one contradicts it.
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import pairwise, product
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -146,14 +148,16 @@ def overall(verdicts: Sequence[Verdict]) -> Verdict:
     return "confirmed" if all(v == "confirmed" for v in verdicts) else "inconclusive"
 
 
-def check(claims: ClaimsFile, groups: Sequence[Any], value: Value,
-          measure: Measure) -> list[Checked]:
-    """Every claim's comparisons on `groups`, cell by cell, and its verdict."""
-    return [_check(claim, groups, value, measure, claims.min_seeds) for claim in claims.claims]
+def check(claims: ClaimsFile, groups: Sequence[Any], value: Value, measure: Measure,
+          label: Callable[[Any], str]) -> list[Checked]:
+    """Every claim's comparisons on `groups`, cell by cell, and its verdict; `label` names a
+    group where a selector matches several."""
+    return [_check(claim, groups, value, measure, label, claims.min_seeds)
+            for claim in claims.claims]
 
 
 def _check(claim: Claim, groups: Sequence[Any], value: Value, measure: Measure,
-           min_seeds: int) -> Checked:
+           label: Callable[[Any], str], min_seeds: int) -> Checked:
     cells: dict[tuple[Any, ...], list[Any]] = {}
     for g in groups:
         cells.setdefault(tuple(value(g, k) for k in claim.per), []).append(g)
@@ -163,32 +167,30 @@ def _check(claim: Claim, groups: Sequence[Any], value: Value, measure: Measure,
         where = ", ".join(f"{k}={v}" for k, v in zip(claim.per, cell, strict=True)
                           if v is not None)
 
-        def pick(selector: dict[str, Any], members: list[Any] = members) -> Measured | None:
-            found = [g for g in members
-                     if all(value(g, k) == v for k, v in selector.items())]
-            return measure(found[0], claim.metric) if len(found) == 1 else None
+        def pick(selector: dict[str, Any],
+                 members: list[Any] = members) -> list[tuple[str, Measured]]:
+            """(name, metric) of each group the selector matches that has the metric."""
+            found = [g for g in members if all(value(g, k) == v for k, v in selector.items())]
+            measured = [(g, measure(g, claim.metric)) for g in found]
+            return [(label(g) if len(found) > 1 else _name(selector), m)
+                    for g, m in measured if m is not None]
 
         def note(text: str, verdict: Verdict, where: str = where) -> None:
             verdicts.append(verdict)
             lines.append(f"{where}: {text}: {verdict}")
 
         if claim.order is not None:
-            for (sa, a), (sb, b) in pairwise([(s, pick(s)) for s in claim.order]):
-                if a is not None and b is not None:
-                    note(f"{_name(sa)} {_fmt(a)} > {_name(sb)} {_fmt(b)}",
-                         greater(a, b, min_seeds))
+            for above, below in pairwise([pick(s) for s in claim.order]):
+                for (na, a), (nb, b) in product(above, below):
+                    note(f"{na} {_fmt(a)} > {nb} {_fmt(b)}", greater(a, b, min_seeds))
         elif claim.within is not None and claim.tolerance is not None:
-            a, b = (pick(s) for s in claim.within)
-            if a is not None and b is not None:
-                note(f"|{_name(claim.within[0])} {_fmt(a)} - {_name(claim.within[1])} "
-                     f"{_fmt(b)}| <= {claim.tolerance:g}",
+            for (na, a), (nb, b) in product(*(pick(s) for s in claim.within)):
+                note(f"|{na} {_fmt(a)} - {nb} {_fmt(b)}| <= {claim.tolerance:g}",
                      close(a, b, claim.tolerance, min_seeds))
         elif claim.range is not None and claim.of is not None:
-            a = pick(claim.of)
-            if a is not None:
-                low, high = claim.range
-                note(f"{_name(claim.of)} {_fmt(a)} in [{low:g}, {high:g}]",
-                     inside(a, low, high, min_seeds))
+            low, high = claim.range
+            for na, a in pick(claim.of):
+                note(f"{na} {_fmt(a)} in [{low:g}, {high:g}]", inside(a, low, high, min_seeds))
     if not lines:
         lines.append("no runs to compare")
     return Checked(claim, overall(verdicts), lines)

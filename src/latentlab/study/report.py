@@ -587,7 +587,8 @@ def build_report(paths: Sequence[str | Path], out: str | Path, split: Split = "t
     rows = [_csv_row(run, group, split) for group in groups for run in group.runs]
     atomic_write_text(out / "results.csv", _csv_text(rows))
     checked = (check(claims_file, groups, _group_value,
-                     lambda g, metric: _metric(g, metric, split)) if claims_file else [])
+                     lambda g, metric: _metric(g, metric, split), lambda g: g.method_label)
+               if claims_file else [])
     atomic_write_text(out / "results.json", json.dumps({
         "split": split, "runs": rows, "groups": [_group_summary(g, split) for g in groups],
         "figures": {p.name: asdict(p) for p in plots}, "skipped": skipped,
