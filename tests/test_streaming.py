@@ -172,12 +172,18 @@ def test_max_time_counts_validations_and_replans(tmp_path: Path,
     assert abs(final - plans[-1]) <= 2 and 180 <= final <= 195
 
 
-def test_a_warmup_longer_than_the_run_is_refused(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ConfigError, match="warmup_steps=200 is not shorter than the run "
-                                          r"\(120 steps\)"):
-        engine_run(tmp_path / "a", monkeypatch, step_s=0.5, eval_s=0.0, max_time=1.0,
-                   warmup_steps=200)
+def test_a_warmup_longer_than_the_run_is_refused_or_cut_under_a_time_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+        ) -> None:
+    # Under a time budget the length is known only at the plan, after the start-up and the
+    # first steps: the warm-up is cut to a tenth of the 120 planned steps, and the run goes on.
+    trainer, rows = engine_run(tmp_path / "a", monkeypatch, step_s=0.5, eval_s=0.0,
+                               max_time=1.0, warmup_steps=200)
+    assert rows[0]["final_step"] == 120 and trainer.schedule.warmup == 12
+    assert trainer.schedule(6) == 0.5 and trainer.schedule(12) == 1.0
+    assert "train.warmup_steps=200 is not shorter than the 120 steps train.max_time allows: " \
+           "warm-up cut to 12 steps" in capsys.readouterr().out
+    # A fixed length is known at the start: refused there.
     with pytest.raises(ConfigError, match="warmup_steps=50 is not shorter than the run "
                                           r"\(40 steps\)"):
         engine_run(tmp_path / "b", monkeypatch, step_s=0.5, eval_s=0.0, max_steps=40,

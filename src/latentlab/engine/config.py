@@ -26,7 +26,8 @@ class TrainConfig(Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up; under train.max_time one "
+                              "not shorter than the planned steps is cut to a tenth of them")
     schedule: Literal["cosine", "constant"] = "cosine"
     max_grad_norm: float | None = Field(1.0, gt=0, description="None: no clipping")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(

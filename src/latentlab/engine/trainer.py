@@ -101,15 +101,26 @@ WALL_CLOCK_KEYS = frozenset({"tokens_per_s", "data_wait", "train_seconds", "seco
 WARM_STEPS = 10
 PLAN_AFTER_STEPS = 20
 PLAN_AFTER_SECONDS = 10.0
+WARMUP_SHARE = 10  # a warm-up longer than a time budget's plan is cut to 1/WARMUP_SHARE of it
 
 
 class Schedule:
     """The learning-rate factor at a step: linear warm-up, then cosine decay to zero at
-    `total` steps (or constant). `total` may be set later (a time budget's plan); a
+    `total` steps (or constant). `total` may be laid out later (a time budget's plan); a
     `LambdaLR` over it then follows the new layout from the next step."""
 
     def __init__(self, kind: str, warmup: int, total: int) -> None:
-        self.kind, self.warmup, self.total = kind, warmup, total
+        self.kind, self.configured_warmup = kind, warmup
+        self.lay_out(total)
+
+    def lay_out(self, total: int) -> None:
+        """End the schedule at `total` steps. A configured warm-up not shorter than that (only
+        a time budget's plan gets here: a fixed length is checked at the start) is cut to a
+        tenth of the steps: the plan comes after minutes of start-up and training, which a
+        configuration error would throw away."""
+        self.total = total
+        self.warmup = (self.configured_warmup if self.configured_warmup < total
+                       else max(1, total // WARMUP_SHARE))
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
@@ -197,7 +208,7 @@ class Trainer:
         if state.done:
             return state
         if state.planned_steps is not None:
-            self.schedule.total = state.planned_steps
+            self.schedule.lay_out(state.planned_steps)
         self.acc.print(f"[latentlab] training from step {state.step}"
                        + (f", resumed from {resumed_from}" if resumed_from else ""))
 
@@ -213,6 +224,7 @@ class Trainer:
         # train_seconds once WARM_STEPS steps are done: the speed is measured from there (the
         # time budget's plan, the start-up cost), past compilation and the first batches.
         self._warm_at: float | None = None
+        self._warned = 0  # the cut warm-up last warned about (`_plan`)
         with self._signals():
             for stage_index in range(state.stage, len(stages)):
                 stage = stages[stage_index]
@@ -347,15 +359,19 @@ class Trainer:
         planned = min(self._step_limit, state.step + max(1, int(left / per_step)))
         if planned == state.planned_steps:
             return
-        if cfg.warmup_steps >= planned:
-            raise self._warmup_error(planned)
         first = state.planned_steps is None
-        state.planned_steps = self.schedule.total = planned
-        bar.total = planned
+        state.planned_steps = bar.total = planned
+        self.schedule.lay_out(planned)
         self.log({"step": state.step, "planned_steps": planned, "seconds_per_step": per_step})
         if first:
             self.acc.print(f"[latentlab] train.max_time={cfg.max_time:g} min: {per_step:.3f} s "
                            f"per step, schedule laid out over {planned} steps")
+        if self.schedule.warmup != cfg.warmup_steps and self.schedule.warmup != self._warned:
+            self._warned = self.schedule.warmup
+            self.acc.print(f"[latentlab] warning: train.warmup_steps={cfg.warmup_steps} is not "
+                           f"shorter than the {planned} steps train.max_time allows: warm-up "
+                           f"cut to {self.schedule.warmup} steps (a tenth). Fix: lower "
+                           "train.warmup_steps or raise train.max_time")
 
     def _print_startup_cost(self, state: TrainerState) -> None:
         """Once per invocation: how much longer the first WARM_STEPS steps took than the next

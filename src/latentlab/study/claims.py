@@ -14,10 +14,10 @@ Metrics: `accuracy`, `perplexity`, `h_off`, `silhouette`, or any number of a run
 A selector is a mapping of run-config keys (dotted, e.g. `method.orthogonality`) or the group
 fields `method`, `task`, `operands`, `latent_budget` to values. A selector that several groups
 of a cell match (one method started from random initialisation and from another run, say)
-makes one comparison for each of them, each named by its group's label. The verdict of one comparison
-uses the spread over seeds (the sample standard deviations added): a difference inside it is
-**inconclusive**, as is anything measured with fewer than `min_seeds` seeds; a claim is
-**confirmed** when every comparison is, **not confirmed** when one contradicts it.
+makes one comparison for each of them, each named by its group's label. The verdict of one
+comparison uses the spread over seeds (the sample standard deviations added): a difference
+inside it is **inconclusive**, as is anything measured with fewer than `min_seeds` seeds; a
+claim is **confirmed** when every comparison is, **not confirmed** when one contradicts it.
 """
 
 from __future__ import annotations
