@@ -188,3 +188,16 @@ def test_a_warmup_longer_than_the_run_is_refused_or_cut_under_a_time_budget(
                                           r"\(40 steps\)"):
         engine_run(tmp_path / "b", monkeypatch, step_s=0.5, eval_s=0.0, max_steps=40,
                    warmup_steps=50)
+
+
+def test_gpu_runs_generate_their_data_on_every_core_but_their_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from latentlab.engine.trainer import default_data_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_data_workers("cuda") == 15 and default_data_workers("cpu") == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes of one node share the cores
+    assert default_data_workers("cuda") == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_data_workers("cuda") == 1

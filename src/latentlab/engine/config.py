@@ -47,7 +47,8 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     data_workers: int | None = Field(
         None, ge=0, description="processes that generate and collate batches ahead of the "
-        "step (None: up to 4 on a GPU, 0 on a CPU, where the cores train)")
+        "step (None: on GPUs every core but one per process of the node, shared by them; 0 on "
+        "a CPU, where the cores train). Runs that share a machine should split its cores")
     max_length: int = Field(1024, ge=8, description="longest training sequence in tokens")
     seed: int = 0
     on_nonfinite: Literal["stop", "skip"] = Field(

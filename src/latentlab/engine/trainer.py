@@ -149,6 +149,18 @@ class StepBatches(Dataset):
                 for j in range(0, len(shard), self.size)]
 
 
+def default_data_workers(device_type: str) -> int:
+    """`train.data_workers` when unset: on a CPU none (the cores train); on GPUs every core
+    this process may use, shared by the node's processes, less one each for the process
+    itself. Generating tasks need them: one process streams about 1,000-3,000 ProsQA or
+    Countdown examples a second, and a compiled step of a small model eats 10,000 or more."""
+    if device_type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+    return max(1, (cores or 1) // local - 1)
+
+
 def _as_is(item: Any) -> Any:
     return item
 
@@ -326,8 +338,8 @@ class Trainer:
         """Batches `start`.. of an epoch, collated in `train.data_workers` worker processes
         (forked: they share the data and the method's tokenizer) and pinned for the GPU."""
         workers = self.config.data_workers
-        if workers is None:  # on GPUs, keep the device fed; on CPUs, leave the cores to it
-            workers = min(4, (os.cpu_count() or 1) // 2) if self.acc.device.type == "cuda" else 0
+        if workers is None:
+            workers = default_data_workers(self.acc.device.type)
         if workers:
             # Forked workers would otherwise inherit a tokenizer's busy thread pool.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
