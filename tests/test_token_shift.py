@@ -164,6 +164,22 @@ def test_compiled_body_matches_eager() -> None:
     assert compiled[2] == eager[2]
 
 
+def test_a_compiled_body_decodes_without_compiling_again_for_every_token() -> None:
+    # The cache's record of each layer's inputs grows by one piece per decoded token; compiled
+    # code that read it would be compiled again for each length, up to the recompile limit.
+    tok = train_tokenizer(TEXTS, 300)
+    method = CoT(CoTConfig(), backbone_for("qwen3-tiny" + SHIFT, tok), tok).eval()
+    examples = [Example("Is Tom a yumpus or zorpus?", ("Tom is a wumpus.",), "Tom is a yumpus.")]
+    eager = method.generate(examples, max_new_tokens=16)
+    torch._dynamo.reset()
+    compile_transformers(method)
+    graphs = torch._dynamo.utils.counters["stats"]
+    method.generate(examples, max_new_tokens=4)
+    after_short = graphs["unique_graphs"]
+    assert method.generate(examples, max_new_tokens=16) == eager
+    assert graphs["unique_graphs"] == after_short
+
+
 def test_engine_trains_resumes_and_continues_a_shifted_model(tmp_path: Path) -> None:
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     shift = "model.token_shift=4"
