@@ -106,6 +106,13 @@ class ColumnInputs:
             if start < past:
                 kept.append((start, piece[:, : past - start]))
         self.pieces = [*kept, (past, inputs)]
+        if len(self.pieces) > 1 and torch.compiler.is_compiling() and \
+                not torch.is_grad_enabled():
+            # Compiled code guards on the number of pieces, which grows by one per decoded
+            # token: the body would be compiled again for every token, up to the recompile
+            # limit. Outside autograd the pieces are merged into one (gaps as zeros).
+            first, end = self.pieces[0][0], past + inputs.shape[1]
+            self.pieces = [(first, self.before(end, end - first, inputs))]
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
@@ -134,29 +141,19 @@ def _shift_inputs(layer: nn.Module, args: tuple, kwargs: dict[str, Any]
     if cache is None and len(args) > 1 and isinstance(args[1], Cache):  # GPT-2: positional
         cache = args[1]
     shift: TokenShift = layer.token_shift
-    mixed = (shift(hidden, positions, None) if cache is None
-             else _shift_over_cache(shift, hidden, positions, cache))
+    if cache is None:
+        mixed = shift(hidden, positions, None)
+    else:
+        if not hasattr(cache, "token_shift_inputs"):
+            cache.token_shift_inputs = {}
+        columns = cache.token_shift_inputs.setdefault(shift.index, ColumnInputs())
+        past = cache.get_seq_length(shift.index)  # the layer has not added this pass's yet
+        width = shift.weight.shape[0]
+        mixed = shift(hidden, positions, columns.before(past, width - 1, hidden) if past else None)
+        columns.record(past, hidden)
     if given:
         return args, {**kwargs, "hidden_states": mixed}
     return (mixed, *args[1:]), kwargs
-
-
-# Left to eager code inside a compiled body: the pieces list grows by one per cached pass, and
-# torch.compile, guarding on its length, would compile the body again for every decoded token
-# (up to its recompile limit, minutes of compiling per validation on a GPU).
-@torch.compiler.disable
-def _shift_over_cache(shift: TokenShift, hidden: Tensor, positions: Tensor, cache: Cache
-                      ) -> Tensor:
-    """The shift of a pass over a cache: the columns before it are read from the cache's
-    record of this layer's inputs, and the pass's own inputs are added to that record."""
-    if not hasattr(cache, "token_shift_inputs"):
-        cache.token_shift_inputs = {}
-    columns = cache.token_shift_inputs.setdefault(shift.index, ColumnInputs())
-    past = cache.get_seq_length(shift.index)  # the layer has not added this pass's yet
-    width = shift.weight.shape[0]
-    mixed = shift(hidden, positions, columns.before(past, width - 1, hidden) if past else None)
-    columns.record(past, hidden)
-    return mixed
 
 
 def add_token_shift(model: PreTrainedModel, width: int) -> None:
