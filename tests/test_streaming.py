@@ -16,7 +16,7 @@ import yaml
 from conftest import engine_run, metric_rows
 from test_training import final_weights, tiny
 
-from latentlab.engine.trainer import PLAN_AFTER_STEPS, WARM_STEPS
+from latentlab.engine.trainer import PLAN_AFTER_STEPS, WARM_STEPS, Interrupted
 from latentlab.errors import ConfigError
 from latentlab.recipes import train
 from latentlab.recipes.reasoning import StreamedEpoch
@@ -201,3 +201,18 @@ def test_gpu_runs_generate_their_data_on_every_core_but_their_own(
     assert default_data_workers("cuda") == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert default_data_workers("cuda") == 1
+
+
+def test_a_second_signal_stops_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first asks for a checkpoint after the step; a second, sent while a long validation
+    # runs, must not wait for it.
+    def scores(step: int) -> dict[str, float]:
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("the validation went on after the second signal")
+        return {"accuracy": 0.0}
+
+    with pytest.raises(Interrupted, match="stopped at once by a second signal SIGTERM"):
+        engine_run(tmp_path, monkeypatch, step_s=0.1, eval_s=0.0, scores=scores,
+                   max_steps=40, eval_every=10)

@@ -659,8 +659,15 @@ class Trainer:
         return [int(v) for v in received.max(0).values]
 
     def _signals(self) -> contextlib.AbstractContextManager[None]:
-        """SIGTERM/SIGINT finish the current step, save a checkpoint, then stop."""
+        """SIGTERM/SIGINT finish the current step, save a checkpoint, then stop; a second one
+        stops at once (a step, a validation or a compilation can take minutes)."""
         def handler(signum: int, frame: Any) -> None:
+            if self._signal is not None:
+                raise Interrupted(f"stopped at once by a second signal "
+                                  f"{signal.Signals(signum).name}: nothing was saved since the "
+                                  "last checkpoint",
+                                  fix="continue from the last checkpoint with `latentlab train "
+                                      f"... --resume` (run directory {self.run_dir})")
             self._signal = signum
 
         return handling((signal.SIGTERM, signal.SIGINT), handler)
