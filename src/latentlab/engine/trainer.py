@@ -236,7 +236,6 @@ class Trainer:
         # train_seconds once WARM_STEPS steps are done: the speed is measured from there (the
         # time budget's plan, the start-up cost), past compilation and the first batches.
         self._warm_at: float | None = None
-        self._warned = 0  # the cut warm-up last warned about (`_plan`)
         with self._signals():
             for stage_index in range(state.stage, len(stages)):
                 stage = stages[stage_index]
@@ -371,19 +370,18 @@ class Trainer:
         planned = min(self._step_limit, state.step + max(1, int(left / per_step)))
         if planned == state.planned_steps:
             return
-        first = state.planned_steps is None
+        first, warmup = state.planned_steps is None, self.schedule.warmup
         state.planned_steps = bar.total = planned
         self.schedule.lay_out(planned)
         self.log({"step": state.step, "planned_steps": planned, "seconds_per_step": per_step})
         if first:
             self.acc.print(f"[latentlab] train.max_time={cfg.max_time:g} min: {per_step:.3f} s "
                            f"per step, schedule laid out over {planned} steps")
-        if self.schedule.warmup != cfg.warmup_steps and self.schedule.warmup != self._warned:
-            self._warned = self.schedule.warmup
+        if self.schedule.warmup not in (warmup, cfg.warmup_steps):  # newly cut
             self.acc.print(f"[latentlab] warning: train.warmup_steps={cfg.warmup_steps} is not "
                            f"shorter than the {planned} steps train.max_time allows: warm-up "
-                           f"cut to {self.schedule.warmup} steps (a tenth). Fix: lower "
-                           "train.warmup_steps or raise train.max_time")
+                           f"cut to {self.schedule.warmup} steps (1/{WARMUP_SHARE} of them). "
+                           "Fix: lower train.warmup_steps or raise train.max_time")
 
     def _print_startup_cost(self, state: TrainerState) -> None:
         """Once per invocation: how much longer the first WARM_STEPS steps took than the next
