@@ -94,13 +94,18 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
 
 
 class Clock:
-    """A fake `time.perf_counter`: a training step costs `step_s`, a validation `eval_s`."""
+    """A fake `time.perf_counter`: a training step costs `step_s` (or `step_s(n)` for the
+    n-th step, from 1), a validation `eval_s`."""
 
-    def __init__(self, step_s: float, eval_s: float) -> None:
-        self.now, self.step_s, self.eval_s = 0.0, step_s, eval_s
+    def __init__(self, step_s: float | Callable[[int], float], eval_s: float) -> None:
+        self.now, self.step_s, self.eval_s, self.steps = 0.0, step_s, eval_s, 0
 
     def __call__(self) -> float:
         return self.now
+
+    def step(self) -> None:
+        self.steps += 1
+        self.now += self.step_s(self.steps) if callable(self.step_s) else self.step_s
 
 
 class Line(nn.Module):
@@ -109,7 +114,7 @@ class Line(nn.Module):
         self.linear, self.clock = nn.Linear(2, 1), clock
 
     def forward(self, batch: dict[str, Any]) -> StepOutput:
-        self.clock.now += self.clock.step_s
+        self.clock.step()
         return StepOutput(((self.linear(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean())
 
     def set_stage(self, index: int) -> None:
@@ -119,7 +124,8 @@ class Line(nn.Module):
         torch.save(self.state_dict(), path / "line.pt")
 
 
-def engine_run(run_dir: Path, monkeypatch: pytest.MonkeyPatch, step_s: float, eval_s: float,
+def engine_run(run_dir: Path, monkeypatch: pytest.MonkeyPatch,
+               step_s: float | Callable[[int], float], eval_s: float,
                scores: Callable[[int], dict[str, float]] | None = None,
                **train: Any) -> tuple[Trainer, list[dict[str, Any]]]:
     """The engine alone, training a linear regression (64 examples, batches of 8) on a fake

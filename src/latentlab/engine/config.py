@@ -17,10 +17,11 @@ class TrainConfig(Section):
                                   "early if the epochs would take more (never extends them)")
     max_time: float | None = Field(
         None, gt=0, description="minutes of training (steps, validations, checkpoints; carried "
-        "over a resume): the speed is measured over the first steps and the schedule (warm-up, "
-        "cosine) laid out over the steps that fit, re-planned after each validation; the "
-        "epochs and max_steps stay upper bounds. The planned count is logged "
-        "(`planned_steps` in metrics.jsonl): train.max_steps=N repeats it exactly")
+        "over a resume): the speed is measured past the start-up and the schedule (warm-up, "
+        "cosine) laid out over the steps that fit, measured and laid out again every 10 s "
+        "of steps and after each validation; the epochs and max_steps stay upper bounds. "
+        "The planned count is logged (`planned_steps` in metrics.jsonl): train.max_steps=N "
+        "repeats it exactly")
     batch_size: int = Field(32, ge=1, description="examples per device per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     lr: float = Field(1e-4, gt=0)

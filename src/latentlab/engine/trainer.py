@@ -96,8 +96,8 @@ class Interrupted(RunError):
 TIE_BREAK_METRIC = "teacher_forced_loss"
 WALL_CLOCK_KEYS = frozenset({"tokens_per_s", "data_wait", "train_seconds", "seconds_per_step"})
 # Time budget: the first steps of an invocation (compilation, autotuning, the first batches)
-# are left out of the speed that lays out the schedule, which is measured over at least
-# PLAN_AFTER_STEPS further steps and PLAN_AFTER_SECONDS.
+# are left out of the speed that lays out the schedule, which is measured over windows of at
+# least PLAN_AFTER_STEPS steps and PLAN_AFTER_SECONDS, the schedule laid out anew after each.
 WARM_STEPS = 10
 PLAN_AFTER_STEPS = 20
 PLAN_AFTER_SECONDS = 10.0
@@ -129,6 +129,36 @@ class Schedule:
             return 1.0
         progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Pace:
+    """The seconds a step will take from here on, for a time budget's plan: the steps' own
+    time (waits for data included) over the latest window, plus the validations and
+    checkpoints so far spread over the steps since the start-up. The latest window, not the
+    mean since the start-up: the first steps' batches were prefetched while the model
+    compiled, and a curriculum's longer examples come later, so a run slows down and a plan
+    from its first speed would end it at the time limit with the learning rate still high."""
+
+    def __init__(self, step: int, seconds: float) -> None:  # the end of the start-up
+        self.start_step, self.start = step, seconds
+        self.overhead = 0.0  # seconds of validations and checkpoints since then
+        self.window = (step, 0.0)  # where the current window began: step, step-seconds
+        self.step_time: float | None = None
+
+    def measure(self, step: int, seconds: float) -> bool:
+        """Close the window once it holds PLAN_AFTER_STEPS steps and PLAN_AFTER_SECONDS of
+        their own time; True when it did (the step time is new)."""
+        own = seconds - self.start - self.overhead
+        begin_step, begin = self.window
+        if step - begin_step < PLAN_AFTER_STEPS or own - begin < PLAN_AFTER_SECONDS:
+            return False
+        self.step_time = (own - begin) / (step - begin_step)
+        self.window = (step, own)
+        return True
+
+    def per_step(self, step: int) -> float:
+        assert self.step_time is not None
+        return self.step_time + self.overhead / (step - self.start_step)
 
 
 class StepBatches(Dataset):
@@ -235,7 +265,7 @@ class Trainer:
         self._progress_from = (state.step, state.train_seconds)  # for the time left
         # train_seconds once WARM_STEPS steps are done: the speed is measured from there (the
         # time budget's plan, the start-up cost), past compilation and the first batches.
-        self._warm_at: float | None = None
+        self._pace: Pace | None = None
         with self._signals():
             for stage_index in range(state.stage, len(stages)):
                 stage = stages[stage_index]
@@ -281,9 +311,9 @@ class Trainer:
                         state.train_seconds += now - clock
                         clock = now
                         if state.step - first_step == WARM_STEPS:
-                            self._warm_at = state.train_seconds
-                        if cfg.max_time is not None and state.planned_steps is None:
-                            self._plan(state, first_step, bar)
+                            self._pace = Pace(state.step, state.train_seconds)
+                        if cfg.max_time is not None:
+                            self._plan(state, bar)
                         if state.step - first_step == 2 * WARM_STEPS:
                             self._print_startup_cost(state)
                         end_of_epoch = b + 1 == len(batches)
@@ -315,9 +345,11 @@ class Trainer:
                             self._save_checkpoint(model, optimizer, scheduler, state)
                         now = time.perf_counter()
                         state.train_seconds += now - clock
+                        if self._pace is not None:
+                            self._pace.overhead += now - clock
                         clock = now
                         if evaluated and cfg.max_time is not None and not finished:
-                            self._plan(state, first_step, bar)
+                            self._plan(state, bar, validated=True)
                         if signalled is not None:  # even on the last step: it was asked for
                             raise Interrupted(
                                 f"stopped by signal {signal.Signals(signalled).name} after "
@@ -353,20 +385,19 @@ class Trainer:
                           prefetch_factor=4 if workers else None,
                           multiprocessing_context="fork" if workers else None)
 
-    def _plan(self, state: TrainerState, first_step: int, bar: Any) -> None:
-        """Lay the schedule out over the steps the time budget allows at the measured speed:
-        first once the speed is known, then again after each validation (whose cost the
-        speed then includes)."""
+    def _plan(self, state: TrainerState, bar: Any, validated: bool = False) -> None:
+        """Lay the schedule out over the steps the time budget allows at the measured pace:
+        first once the speed is known, then after each window of measurement and each
+        validation."""
         cfg = self.config
-        if self._warm_at is None:
+        pace = self._pace
+        if pace is None or not (pace.measure(state.step, state.train_seconds)
+                                or (validated and pace.step_time is not None)):
             return
-        steps = state.step - first_step - WARM_STEPS
-        seconds = state.train_seconds - self._warm_at
-        if state.planned_steps is None and (steps < PLAN_AFTER_STEPS
-                                            or seconds < PLAN_AFTER_SECONDS):
-            return
-        per_step = seconds / steps
         left = cfg.max_time * 60 - state.train_seconds
+        if left <= 0:  # this step is the last
+            return
+        per_step = pace.per_step(state.step)
         planned = min(self._step_limit, state.step + max(1, int(left / per_step)))
         if planned == state.planned_steps:
             return
@@ -388,9 +419,9 @@ class Trainer:
         WARM_STEPS (compilation, CUDA-graph capture, autotuning, the first batches), printed
         so that a compiled run's cost is visible next to its speed (not a metrics row: a
         resumed run has start-ups an uninterrupted one does not)."""
-        assert self._warm_at is not None
-        warm = self._warm_at - self._progress_from[1]
-        steady = state.train_seconds - self._warm_at
+        assert self._pace is not None
+        warm = self._pace.start - self._progress_from[1]
+        steady = state.train_seconds - self._pace.start
         startup = max(0.0, warm - steady)
         self.acc.print(f"[latentlab] start-up: the first {WARM_STEPS} steps took "
                        f"{warm:.1f} s, the next {WARM_STEPS} {steady:.1f} s "
@@ -615,10 +646,14 @@ class Trainer:
             return ""
         total = self.schedule.total
         step0, seconds0 = self._progress_from
+        if self._pace is not None:  # the speed past the start-up (compilation)
+            step0, seconds0 = self._pace.start_step, self._pace.start
         done = state.step - step0
         if done <= 0 or total <= state.step:
             return f", step {state.step} of {total}"
         left = (state.train_seconds - seconds0) / done * (total - state.step)
+        if self.config.max_time is not None:  # the run ends there whatever the speed
+            left = min(left, max(0.0, self.config.max_time * 60 - state.train_seconds))
         minutes, seconds = divmod(round(left), 60)
         return (f", step {state.step} of {total}, about "
                 + (f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s") + " left")
