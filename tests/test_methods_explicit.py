@@ -163,3 +163,22 @@ def test_a_packed_batch_has_the_loss_and_gradients_of_the_padded_one(
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6)
+
+
+def test_tokens_equal_the_tokenizers_own_call(shared_data) -> None:
+    """`Method.tokens` calls a fast tokenizer's Rust core directly: the same ids as the
+    tokenizer's own call, special tokens in the text included, for a trained tokenizer and
+    GPT-2's BPE."""
+    from latentlab.backbones import build_tokenizer
+    from latentlab.model_config import ModelConfig
+
+    cot = make(CoT, CoTConfig())
+    gpt2 = build_tokenizer(ModelConfig(name="gpt2-tiny", tokenizer="gpt2-bpe"), [])
+    texts = [e.question + "\n" + "\n".join(e.steps) for e in EXAMPLES]
+    texts += ["", " leading space", "Every wumpus is a zumpus.\n### 3*5+7",
+              f"a{cot.tokenizer.eos_token}b {cot.tokenizer.pad_token}", "émigré 日本 \t tabs"]
+    for tokenizer in (cot.tokenizer, gpt2):
+        method = make(CoT, CoTConfig())
+        method.tokenizer = tokenizer
+        for text in [*texts, f"x{tokenizer.eos_token}y"]:
+            assert method.tokens(text) == tokenizer(text, add_special_tokens=False)["input_ids"]
