@@ -291,3 +291,22 @@ def test_cli_sweep_dry_run_prints_the_plan(capsys) -> None:
     root = Path(__file__).parents[1]
     assert main(["sweep", str(root / "configs/sweeps/tiny.yaml"), "--dry-run"]) == 0
     assert "upstream" in capsys.readouterr().out
+
+
+def test_a_part_of_a_sweep_is_its_jobs_by_name_or_pattern_with_their_upstreams(capsys) -> None:
+    from latentlab.cli import main
+    from latentlab.study.sweep import select
+
+    path = SWEEPS / "dual_architecture_prosqa.yaml"
+    plan = load_sweep(path)
+    part = select(plan, ["liu-*-s0", "h2-nl4-s1"])
+    assert [j.name for j in part.jobs] == [
+        "upstream-cot-s0", "upstream-base-s0", "upstream-cot-s1", "upstream-base-s1",
+        "liu-nl1-s0", "liu-nl4-s0", "liu-nl8-s0", "liu-nl16-s0", "h2-nl4-s1"]
+    assert part.jobs[4].config == next(j for j in plan.jobs if j.name == "liu-nl1-s0").config
+    with pytest.raises(ConfigError, match=r"has no job nope\*"):
+        select(plan, ["liu-nl1-s0", "nope*"])
+    assert main(["sweep", str(path), "--jobs", "soft-nl16-s2", "--dry-run"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert "soft-nl16-s2" in printed and "upstream-base-s2" in printed
+    assert "soft-nl16-s1" not in printed and "upstream-cot-s0" not in printed

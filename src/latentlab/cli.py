@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="parallel worker processes (default: one per "
                    "GPU when several are visible, else 0 = one job after another)")
     p.add_argument("--out-dir", type=Path, help="where the jobs' run directories go")
+    p.add_argument("--jobs", nargs="+", metavar="NAME", help="run only these jobs (names or "
+                   "shell-style patterns, e.g. 'liu-*-s0') and the upstream runs they need: a "
+                   "part of the sweep")
     p.add_argument("--dry-run", action="store_true", help="print the job plan and stop")
     p.set_defaults(func=cmd_sweep)
 
@@ -292,13 +295,15 @@ def _analysis_summary(summary: dict[str, Any]) -> list[str]:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     _require_at_least("--workers", args.workers, 0)
-    from latentlab.study.sweep import load_sweep, plan_table, run_sweep
+    from latentlab.study.sweep import load_sweep, plan_table, run_plan, select
 
+    plan = load_sweep(args.sweep, args.overrides, args.out_dir)
+    if args.jobs:
+        plan = select(plan, args.jobs)
     if args.dry_run:
-        print(plan_table(load_sweep(args.sweep, args.overrides, args.out_dir)))
+        print(plan_table(plan))
         return 0
-    result = run_sweep(args.sweep, args.overrides, workers=args.workers, out_dir=args.out_dir)
-    return 0 if result.ok else 1
+    return 0 if run_plan(plan, args.workers).ok else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:

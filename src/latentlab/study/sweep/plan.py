@@ -5,6 +5,7 @@ them. Nothing runs here."""
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -75,15 +76,18 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (),
 
 
 def select(plan: SweepPlan, names: Sequence[str]) -> SweepPlan:
-    """The plan cut to the jobs named (and the upstream jobs they need, transitively), in plan
-    order; an unknown name raises `ConfigError` listing the jobs."""
+    """The plan cut to the jobs named, each by its name or a shell-style pattern (`liu-*-s0`),
+    and the upstream jobs they need, transitively, in plan order (a part of a sweep that fits
+    one machine's time); a name or pattern that matches no job raises `ConfigError` listing
+    the jobs."""
     by_name = {job.name: job for job in plan.jobs}
-    unknown = [n for n in names if n not in by_name]
+    matched = {n: fnmatch.filter(by_name, n) for n in names}
+    unknown = [n for n, found in matched.items() if not found]
     if unknown:
         raise ConfigError(f"the sweep {plan.path} has no job {', '.join(unknown)}",
                           fix=f"choose from {', '.join(by_name)}")
     wanted: set[str] = set()
-    stack = list(names)
+    stack = [job for found in matched.values() for job in found]
     while stack:
         name = stack.pop()
         if name not in wanted:
