@@ -263,8 +263,8 @@ class Trainer:
         stop_at = state.step + cfg.stop_after if cfg.stop_after else None
         first_step = state.step
         self._progress_from = (state.step, state.train_seconds)  # for the time left
-        # train_seconds once WARM_STEPS steps are done: the speed is measured from there (the
-        # time budget's plan, the start-up cost), past compilation and the first batches.
+        # Made once WARM_STEPS steps are done: the speed is measured from there (the time
+        # budget's plan, the start-up cost, the time left), past compilation and first batches.
         self._pace: Pace | None = None
         with self._signals():
             for stage_index in range(state.stage, len(stages)):
