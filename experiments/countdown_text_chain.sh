@@ -16,8 +16,9 @@ shift
 minutes=train.max_time=${TRAIN_MINUTES:-10}
 cores=$(getconf _NPROCESSORS_ONLN)  # not nproc, which follows OMP_NUM_THREADS
 W=${WORKERS:-$(( cores > 5 ? (cores - 4) / 2 : 1 ))}  # 3 main processes, 1 text worker
-run countdown3-cot countdown3_cot "$minutes" "$@" &
-run countdown4-cot countdown4_cot "$minutes" "$@" &
+layers=model.compile_scope=layers  # as in scale_chain.sh: compiling takes a fraction of the time
+run countdown3-cot countdown3_cot "$minutes" $layers "$@" &
+run countdown4-cot countdown4_cot "$minutes" $layers "$@" &
 W=1 run text-nocot text_nocot train.epochs=100 "$minutes" "$@" &
 wait
 cat "$R/times.tsv"

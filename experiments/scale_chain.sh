@@ -12,6 +12,9 @@
 # Countdown and the text Base: experiments/countdown_text_chain.sh. Each command's wall time (s)
 # and exit status go to OUT/times.tsv, its output to OUT/NAME.log.
 #   LATENTLAB_SHARED=/path/to/shared bash experiments/scale_chain.sh OUT [key=value ...]
+# The CoT and No-CoT runs compile layer by layer (model.compile_scope=layers): on a CPU that
+# compiles a 12 x 384 Qwen-3 step in 15 s against 78 s for the whole body (docs/results.md),
+# and the body alone took more than two minutes of a 10-minute budget on an H100.
 set -uo pipefail
 source "$(dirname "$0")/timed.sh"
 chain_setup "${1:?usage: scale_chain.sh OUT [overrides]}"
@@ -19,13 +22,13 @@ shift
 cores=$(getconf _NPROCESSORS_ONLN)  # not nproc, which follows OMP_NUM_THREADS
 W=${WORKERS:-$((cores - 1))}
 run prosqa-cot prosqa_cot "${rope[@]}" "$(curriculum 3 3 1000)" train.eval_every=1000 \
-  train.max_time="${TRAIN_MINUTES:-10}" "$@"
+  model.compile_scope=layers train.max_time="${TRAIN_MINUTES:-10}" "$@"
 
 W=${WORKERS:-$(( cores > 3 ? cores / 2 - 1 : 1 ))}  # two runs now
 from_cot=(model.init_from="$R/prosqa-cot" "task.curriculum=[]"
           train.max_time="${METHOD_MINUTES:-6}")
 run prosqa-nocot-from-cot prosqa_nocot "${rope[@]}" "${from_cot[@]}" train.lr=3e-4 \
-  train.schedule=constant train.warmup_steps=0 "$@" &
+  train.schedule=constant train.warmup_steps=0 model.compile_scope=layers "$@" &
 # 128 x 2 took about 70 GB by stage 4 on an H200; a smaller card takes 64 x 4
 big=$(python3 -c "import torch; print(torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory > 100e9)")
 [ "$big" = True ] && micro=(train.batch_size=128 train.grad_accum=2) || micro=(train.batch_size=64 train.grad_accum=4)

@@ -108,6 +108,13 @@ def test_compile_transformers_compiles_every_body_once_and_nothing_else() -> Non
     # Every call form of a body gets its graph instead of an eager fallback past 8.
     assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
     assert set(method.state_dict()) == keys
+    # Regional compilation: each decoder layer instead of the bodies (2 layers each).
+    layers = torch.nn.ModuleDict({"backbone": build_backbone(ModelConfig(name="gpt2-tiny"), tok,
+                                                             seed=0)})
+    compile_transformers(layers, "layers")
+    compiled = {name for name, m in layers.named_modules() if m._compiled_call_impl is not None}
+    assert compiled == {"backbone.transformer.h.0", "backbone.transformer.h.1"}
+    assert torch._dynamo.config.recompile_limit >= 2 * RECOMPILE_LIMIT
 
 
 def test_an_unknown_hub_id_fails_at_once_offline(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -143,9 +144,10 @@ def test_hugging_face_generate_with_its_cache_equals_recomputation(preset: str) 
     assert torch.equal(cached, model.generate(ids, use_cache=False, **kwargs))
 
 
-def test_compiled_body_matches_eager() -> None:
+@pytest.mark.parametrize(("preset", "scope"), [("gpt2-tiny", "body"), ("qwen3-tiny", "layers")])
+def test_compiled_body_matches_eager(preset: str, scope: Literal["body", "layers"]) -> None:
     tok = train_tokenizer(TEXTS, 300)
-    method = CoT(CoTConfig(), backbone_for("gpt2-tiny" + SHIFT, tok), tok).eval()
+    method = CoT(CoTConfig(), backbone_for(preset + SHIFT, tok), tok).eval()
     examples = [Example("Is Tom a yumpus or zorpus?", ("Tom is a wumpus.",), "Tom is a yumpus."),
                 Example("Every wumpus is a yumpus. Is Tom a yumpus?", (), "yes")]
     batch = method.collate([method.encode(e) for e in examples])
@@ -160,7 +162,7 @@ def test_compiled_body_matches_eager() -> None:
     eager = run()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compile_transformers(method)
+    compile_transformers(method, scope)
     compiled = run()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)

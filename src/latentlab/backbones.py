@@ -15,7 +15,7 @@ import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -35,6 +35,7 @@ from latentlab.model_config import ModelConfig
 from latentlab.paths import resolve_path
 from latentlab.token_shift import (
     add_token_shift,
+    decoder_layers,
     load_token_shift,
     quiet_shift_report,
     shift_width,
@@ -281,24 +282,33 @@ def _damaged(path: Path, what: str, exc: Exception) -> ModelError:
 RECOMPILE_LIMIT = 64  # graphs per compiled body (see compile_transformers)
 
 
-def compile_transformers(module: torch.nn.Module) -> None:
+def compile_transformers(module: torch.nn.Module,
+                         scope: Literal["body", "layers"] = "body") -> None:
     """`torch.compile` the transformer body (`base_model`) of every Hugging Face model inside
-    `module` (a method's Base, its coprocessor), in place: state-dict keys stay the same.
+    `module` (a method's Base, its coprocessor), in place: state-dict keys stay the same. With
+    `scope` 'layers', each decoder layer instead (regional compilation, `model.compile_scope`):
+    one compiled code serves every layer, so compiling takes a fraction of the time.
 
     Dynamic shapes from the start, because every method calls the body with many lengths (a
     prefix, single thought or decode columns over a growing cache, padded and unpadded masks);
     compiled for one shape first, it would recompile for each until dynamo's recompile limit.
     """
-    bodies = {id(m.base_model): m.base_model for m in module.modules()
-              if isinstance(m, PreTrainedModel)}  # a CausalLM and its body share one
+    models = {id(m.base_model): m for m in module.modules() if isinstance(m, PreTrainedModel)}
     # One body serves a fixed but larger set of call forms than dynamo's default limit of 8
     # graphs: prefix, single-column and multi-column passes, over a cache or not, ids or
     # embeddings, a 2-D or 4-D mask, with and without grad (training, validation, decoding).
-    # Past the limit dynamo falls back to eager for every new form, silently slow.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                               RECOMPILE_LIMIT)
-    for body in bodies.values():
-        body.compile(dynamic=True)
+    # Past the limit dynamo falls back to eager for every new form, silently slow. Compiled
+    # layers share one code, and a pass over a cache compiles for each layer (its index in
+    # the cache is a constant of the graph): the limit grows with the layers.
+    if scope == "layers":
+        targets = [layer for m in models.values()
+                   for layer in decoder_layers(m, "model.compile_scope=body")]
+        limit = RECOMPILE_LIMIT * max(m.config.num_hidden_layers for m in models.values())
+    else:
+        targets, limit = [m.base_model for m in models.values()], RECOMPILE_LIMIT
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    for target in targets:
+        target.compile(dynamic=True)
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -115,16 +115,16 @@ class ColumnInputs:
             self.pieces = [(first, self.before(end, end - first, inputs))]
 
 
-def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+def decoder_layers(model: PreTrainedModel, option: str = "model.token_shift=0") -> nn.ModuleList:
     """The list of decoder layers in `model`'s body (`layers` in Llama-style models, `h` in
-    GPT-2's)."""
+    GPT-2's); `option` is the setting that does without them (named by the error)."""
     count = model.config.num_hidden_layers
     for child in model.base_model.children():
         if isinstance(child, nn.ModuleList) and len(child) == count:
             return child
-    raise ModelError(f"model.token_shift: no list of {count} decoder layers in "
+    raise ModelError(f"{option.split('=')[0]}: no list of {count} decoder layers in "
                      f"{type(model.base_model).__name__}",
-                     fix="set model.token_shift=0 for this model")
+                     fix=f"set {option} for this model")
 
 
 def _shift_inputs(layer: nn.Module, args: tuple, kwargs: dict[str, Any]

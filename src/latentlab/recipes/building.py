@@ -106,7 +106,7 @@ def build_method(config: RunConfig, training_texts: Iterable[str], run_dir: Path
     if new_tokenizer is not None and PartialState().is_main_process:  # one writer per run
         replace_dir(saved, new_tokenizer.save_pretrained)
     if compiles(config, cls, PartialState().device.type):
-        compile_transformers(method)
+        compile_transformers(method, config.model.compile_scope)
     return method
 
 
@@ -159,7 +159,7 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[Method,
     method.load_extra_state(best)
     method.run_opener = partial(open_upstream, method)
     if config.model.compile is True:  # scoring alone: a minute of compiling would not pay
-        compile_transformers(method)
+        compile_transformers(method, config.model.compile_scope)
     return method.to(device).eval(), config
 
 
