@@ -303,7 +303,7 @@ def compile_transformers(module: torch.nn.Module,
     if scope == "layers":
         targets = [layer for m in models.values()
                    for layer in decoder_layers(m, "model.compile_scope=body")]
-        limit = RECOMPILE_LIMIT * max(m.config.num_hidden_layers for m in models.values())
+        limit = RECOMPILE_LIMIT * len(targets)  # layers of one class share their code
     else:
         targets, limit = [m.base_model for m in models.values()], RECOMPILE_LIMIT
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
