@@ -19,11 +19,11 @@ set -uo pipefail
 source "$(dirname "$0")/timed.sh"
 chain_setup "${1:?usage: scale_chain.sh OUT [overrides]}"
 shift
-cores=$(getconf _NPROCESSORS_ONLN)  # not nproc, which follows OMP_NUM_THREADS
-W=${WORKERS:-$((cores - 1))}
+W=${WORKERS:-}  # alone on the machine: the engine's default, every core but one
 run prosqa-cot prosqa_cot "${rope[@]}" "$(curriculum 3 3 1000)" train.eval_every=1000 \
   model.compile_scope=layers train.max_time="${TRAIN_MINUTES:-10}" "$@"
 
+cores=$(getconf _NPROCESSORS_ONLN)  # not nproc, which follows OMP_NUM_THREADS
 W=${WORKERS:-$(( cores > 3 ? cores / 2 - 1 : 1 ))}  # two runs now
 from_cot=(model.init_from="$R/prosqa-cot" "task.curriculum=[]"
           train.max_time="${METHOD_MINUTES:-6}")

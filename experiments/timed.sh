@@ -12,7 +12,7 @@ timed() {  # timed NAME COMMAND...: run, log to R/NAME.log, record seconds and e
 # The from-scratch chains share their start: OUT made, runs sharing one GPU with expandable
 # segments (each run keeps a cache of freed blocks; without, a fifth run found no memory left
 # on an H200), and `run NAME CONFIG [overrides]`, which trains configs/CONFIG.yaml into OUT/NAME
-# with $W data workers (WORKERS, default 2).
+# with $W data workers (WORKERS, default 2; empty: the engine's default, every core but one).
 chain_setup() {  # chain_setup OUT
   R=$1
   mkdir -p "$R"
@@ -20,7 +20,7 @@ chain_setup() {  # chain_setup OUT
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 }
 run() {  # run NAME CONFIG [overrides]: train the config into R/NAME
-  timed "$1" ll train "configs/$2.yaml" "out_dir=$R/$1" "train.data_workers=$W" "${@:3}"
+  timed "$1" ll train "configs/$2.yaml" "out_dir=$R/$1" ${W:+"train.data_workers=$W"} "${@:3}"
 }
 # The ProsQA recipes' Qwen-3 shape (rotary positions) and their short size curriculum: graphs
 # of 4-8 concepts and 1-2 hops first, Coconut's sizes after four epochs.
