@@ -3,11 +3,12 @@
 # on one GPU in about 20 minutes. First the CoT model alone (a ProsQA step is GPU-bound: sharing
 # the GPU cut its steps, and 1,000 steps did not reach Coconut's graph sizes), for TRAIN_MINUTES
 # (default 10), with every core but one generating its data:
-#   prosqa-cot      prosqa_cot.yaml on qwen3-12x384, 3 epochs of small and 3 of mid-sized graphs
-#                   before Coconut's sizes
+#   prosqa-cot      prosqa_cot.yaml on qwen3-12x384, SMALL_EPOCHS (default 3) epochs of small and
+#                   MID_EPOCHS (default 3) of mid-sized graphs before Coconut's sizes (an epoch
+#                   is 200 steps: a shorter budget wants fewer)
 # then, for METHOD_MINUTES (default 6) each, from the CoT model, sharing the GPU:
-#   prosqa-nocot-from-cot   No-CoT fine-tuned from the CoT model (a model trained on answers
-#                           alone from random init stays at guessing: docs/results.md)
+#   prosqa-nocot-from-cot   prosqa_nocot_from_cot.yaml: No-CoT fine-tuned from the CoT model (a
+#                           model trained on answers alone from random init stays at guessing)
 #   prosqa-coconut          prosqa_coconut.yaml, 50 steps per stage so all six stages fit
 # Countdown and the text Base: experiments/countdown_text_chain.sh. Each command's wall time (s)
 # and exit status go to OUT/times.tsv, its output to OUT/NAME.log.
@@ -20,15 +21,14 @@ source "$(dirname "$0")/timed.sh"
 chain_setup "${1:?usage: scale_chain.sh OUT [overrides]}"
 shift
 W=${WORKERS:-}  # alone on the machine: the engine's default, every core but one
-run prosqa-cot prosqa_cot "${rope[@]}" "$(curriculum 3 3 1000)" train.eval_every=1000 \
-  model.compile_scope=layers train.max_time="${TRAIN_MINUTES:-10}" "$@"
+run prosqa-cot prosqa_cot "${rope[@]}" "$(curriculum "${SMALL_EPOCHS:-3}" "${MID_EPOCHS:-3}" 1000)" \
+  train.eval_every=1000 model.compile_scope=layers train.max_time="${TRAIN_MINUTES:-10}" "$@"
 
 cores=$(getconf _NPROCESSORS_ONLN)  # not nproc, which follows OMP_NUM_THREADS
 W=${WORKERS:-$(( cores > 3 ? cores / 2 - 1 : 1 ))}  # two runs now
-from_cot=(model.init_from="$R/prosqa-cot" "task.curriculum=[]"
-          train.max_time="${METHOD_MINUTES:-6}")
-run prosqa-nocot-from-cot prosqa_nocot "${rope[@]}" "${from_cot[@]}" train.lr=3e-4 \
-  train.schedule=constant train.warmup_steps=0 model.compile_scope=layers "$@" &
+from_cot=(model.init_from="$R/prosqa-cot" train.max_time="${METHOD_MINUTES:-6}")
+run prosqa-nocot-from-cot prosqa_nocot_from_cot "${rope[@]}" "${from_cot[@]}" \
+  model.compile_scope=layers "$@" &
 # 128 x 2 took about 70 GB by stage 4 on an H200; a smaller card takes 64 x 4
 big=$(python3 -c "import torch; print(torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory > 100e9)")
 [ "$big" = True ] && micro=(train.batch_size=128 train.grad_accum=2) || micro=(train.batch_size=64 train.grad_accum=4)
