@@ -4,8 +4,8 @@
 # the GPU cut its steps, and 1,000 steps did not reach Coconut's graph sizes), for TRAIN_MINUTES
 # (default 10), with every core but one generating its data:
 #   prosqa-cot      prosqa_cot.yaml on qwen3-12x384, SMALL_EPOCHS (default 3) epochs of small and
-#                   MID_EPOCHS (default 3) of mid-sized graphs before Coconut's sizes (an epoch
-#                   is 200 steps: a shorter budget wants fewer)
+#                   MID_EPOCHS (default 3) of mid-sized graphs, then Coconut's sizes (15-25
+#                   concepts, 3-6 hops; an epoch is 200 steps)
 # then, for METHOD_MINUTES (default 6) each, from the CoT model, sharing the GPU:
 #   prosqa-nocot-from-cot   prosqa_nocot_from_cot.yaml: No-CoT fine-tuned from the CoT model (a
 #                           model trained on answers alone from random init stays at guessing)
@@ -21,7 +21,7 @@ source "$(dirname "$0")/timed.sh"
 chain_setup "${1:?usage: scale_chain.sh OUT [overrides]}"
 shift
 W=${WORKERS:-}  # alone on the machine: the engine's default, every core but one
-run prosqa-cot prosqa_cot "${rope[@]}" "$(curriculum "${SMALL_EPOCHS:-3}" "${MID_EPOCHS:-3}" 1000)" \
+run prosqa-cot prosqa_cot "${rope[@]}" "$(curriculum "${SMALL_EPOCHS:-3}" "${MID_EPOCHS:-3}")" \
   train.eval_every=1000 model.compile_scope=layers train.max_time="${TRAIN_MINUTES:-10}" "$@"
 
 cores=$(getconf _NPROCESSORS_ONLN)  # not nproc, which follows OMP_NUM_THREADS
