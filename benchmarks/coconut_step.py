@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import DTYPES, Clock, gigabytes, word_tokenizer
+from common import DTYPES, Clock, gigabytes, profile_table, word_tokenizer
 from torch import Tensor, nn
 
 from latentlab.backbones import (
@@ -112,19 +112,6 @@ def reference_generate(method: Coconut, example: Example, n_thoughts: int,
             break
         out.append(token)
     return out
-
-
-def profile_table(fn: Callable[[], Any], device: torch.device, rows: int = 30) -> str:
-    """Operators of one call of `fn` by self time on the device (CPU time on a CPU)."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: a word-level tokenizer with exact lengths, a timer."""
+"""Shared pieces of the benchmarks: a word-level tokenizer with exact lengths, a timer, an
+operator profile."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from latentlab.backbones import EOS, PAD
+from latentlab.engine.profiling import operator_table, profiler_for
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,3 +61,14 @@ class Clock:
 
 def gigabytes(n: int | None) -> float | None:
     return None if n is None else round(n / 2**30, 3)
+
+
+def profile_table(fn: Callable[[], Any], device: torch.device, calls: int = 1) -> str:
+    """Operators of `calls` calls of `fn` by self time on the device (CPU time on a CPU)."""
+    prof = profiler_for(device)
+    with prof:
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return operator_table(prof, device)

@@ -13,7 +13,9 @@ seconds per step, model FLOPs utilisation (6N + the attention's 12 L d T per tok
 Shapes: `text` (fixed `--seq-len` windows of the Gutenberg corpus, GPT-2's tokenizer: the
 shape of issue 18), `prosqa` and `countdown` (the CoT recipes' streamed examples, variable
 lengths). The engine's tokens/s is what its metrics rows log over the timed steps (data waits
-excluded, as the anchor has none).
+excluded, as the anchor has none). With `--profile DIR`, every path runs `PROFILED_STEPS` more
+steps after the timed ones under torch.profiler (the engine through `train.profile`) and
+DIR/SHAPE-PATH.txt gets their operators by device time.
 
     python benchmarks/throughput.py --device cuda --out throughput.json        # GPT-2 124M
     python benchmarks/throughput.py --device cpu --preset gpt2-tiny --batch 2 --seq-len 64 \\
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import DTYPES, Clock, gigabytes
+from common import DTYPES, Clock, gigabytes, profile_table
 from torch import Tensor
 
 from latentlab.backbones import build_backbone, count_parameters, load_saved_tokenizer
@@ -47,34 +49,43 @@ SHAPES = {"text": "text_nocot.yaml", "prosqa": "prosqa_cot.yaml",
           "countdown": "countdown3_cot.yaml"}
 PATHS = ["engine", "engine-packed", "engine-compile", "hf-eager", "hf-sdpa", "hf-sdpa-compile"]
 ANCHOR = "hf-sdpa-compile"
+PROFILED_STEPS = 3  # after the timed steps, with --profile
 
 
 def shape_config(shape: str, args: argparse.Namespace, out_dir: Path,
                  compile_model: bool = False, packing: bool = False) -> RunConfig:
-    """The shape's recipe at the benchmark's size: `warmup + steps` steps, a metrics row at
-    the end of the warm-up and one at the end (the timed window), no final scoring."""
+    """The shape's recipe at the benchmark's size: `warmup + steps` steps (and the profiled
+    ones), a metrics row at the end of the warm-up and one at the end of the timed window, no
+    final scoring."""
+    timed = args.warmup + args.steps
+    extra = [f"train.profile=[{timed + 1},{PROFILED_STEPS}]"] if args.profile else []
     overrides = [
         f"model.name={args.preset}", f"train.batch_size={args.batch}",
-        f"train.max_steps={args.warmup + args.steps}", "train.max_time=null",
+        f"train.max_steps={total_steps(args)}", "train.max_time=null", *extra,
         f"train.log_every={math.gcd(args.warmup, args.steps)}", "train.warmup_steps=0",
-        f"train.eval_every={args.warmup + args.steps}", "train.eval_samples=1",
+        f"train.eval_every={total_steps(args)}", "train.eval_samples=1",
         "train.save_every_minutes=null", "eval.splits=[]", "eval.max_new_tokens=1",
         f"model.compile={str(compile_model).lower()}", f"out_dir={out_dir}",
         f"method.packing={str(packing).lower()}",
         f"train.mixed_precision={'bf16' if args.dtype == 'bf16' else 'no'}"]
     if shape == "text":
         overrides += [f"task.seq_len={args.seq_len}", "task.n_valid=1", "task.n_test=1",
-                      f"task.n_train={args.batch * (args.warmup + args.steps)}"]
+                      f"task.n_train={args.batch * total_steps(args)}"]
     else:
         overrides += ["task.n_valid=1", "train.data_workers=2" if args.device == "cuda"
                       else "train.data_workers=0", "task.curriculum=[]",
-                      f"task.n_train={args.batch * (args.warmup + args.steps)}"]
+                      f"task.n_train={args.batch * total_steps(args)}"]
     if not args.preset.startswith("gpt2") and shape != "text":
         overrides.append("model.preset_overrides={}")  # the recipes' are GPT-2's dropouts
     return load_config(CONFIGS / SHAPES[shape], overrides)
 
 
-def engine_run(config: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
+def total_steps(args: argparse.Namespace) -> int:
+    return args.warmup + args.steps + (PROFILED_STEPS if args.profile else 0)
+
+
+def engine_run(config: RunConfig, args: argparse.Namespace,
+               profile_to: Path | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -83,9 +94,13 @@ def engine_run(config: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
     wall = time.perf_counter() - start
     rows = [json.loads(line) for line in
             (config.run_dir() / "metrics.jsonl").read_text().splitlines()]
+    if profile_to is not None:
+        first = args.warmup + args.steps + 1
+        table = config.run_dir() / "profile" / f"steps-{first}-{first + PROFILED_STEPS - 1}.txt"
+        profile_to.write_text(table.read_text())
     logged = [r for r in rows if "tokens_per_s" in r]
     warm = next(r for r in logged if r["step"] == args.warmup)
-    last = logged[-1]
+    last = next(r for r in logged if r["step"] == args.warmup + args.steps)
     tokens_per_s = ((last["tokens"] - warm["tokens"])
                     / (last["train_seconds"] - warm["train_seconds"]))
     return {"tokens_per_s": tokens_per_s,
@@ -101,7 +116,7 @@ def anchor_batches(config: RunConfig, args: argparse.Namespace) -> list[dict[str
     longest in the batch, labels -100 on padding."""
     tokenizer = load_saved_tokenizer(config.run_dir() / "tokenizer")
     task = build_task(config.task)
-    n = args.batch * (args.warmup + args.steps)
+    n = args.batch * total_steps(args)
     if isinstance(task, TextTask):
         sequences = task.windows("train", tokenizer, n)
     else:
@@ -123,7 +138,7 @@ def anchor_batches(config: RunConfig, args: argparse.Namespace) -> list[dict[str
 
 
 def anchor_run(config: RunConfig, path: str, batches: list[dict[str, Tensor]],
-               args: argparse.Namespace) -> dict[str, Any]:
+               args: argparse.Namespace, profile_to: Path | None) -> dict[str, Any]:
     device = torch.device(args.device)
     tokenizer = load_saved_tokenizer(config.run_dir() / "tokenizer")
     attn = "eager" if path == "hf-eager" else "sdpa"
@@ -151,14 +166,17 @@ def anchor_run(config: RunConfig, path: str, batches: list[dict[str, Tensor]],
         torch.cuda.reset_peak_memory_stats(device)
     first = clock.mean_seconds(step, args.warmup, 0) * args.warmup
     per_step = clock.mean_seconds(step, args.steps, 0)
-    real = sum(int(b["attention_mask"].sum()) for b in batches[args.warmup:]) / args.steps
-    return {"tokens_per_s": real / per_step, "real_tokens_per_step": real,
-            "padded_tokens_per_step": sum(b["input_ids"].numel() for b in batches[
-                args.warmup:]) / args.steps,
-            "seconds_per_step": per_step,
-            "first_steps_seconds": first,
-            "peak_gb": gigabytes(torch.cuda.max_memory_allocated(device))
-            if device.type == "cuda" else None}
+    timed = batches[args.warmup:args.warmup + args.steps]
+    real = sum(int(b["attention_mask"].sum()) for b in timed) / args.steps
+    row = {"tokens_per_s": real / per_step, "real_tokens_per_step": real,
+           "padded_tokens_per_step": sum(b["input_ids"].numel() for b in timed) / args.steps,
+           "seconds_per_step": per_step,
+           "first_steps_seconds": first,
+           "peak_gb": gigabytes(torch.cuda.max_memory_allocated(device))
+           if device.type == "cuda" else None}
+    if profile_to is not None:
+        profile_to.write_text(profile_table(step, device, PROFILED_STEPS) + "\n")
+    return row
 
 
 def flops_per_token(model: torch.nn.Module, context: float) -> float:
@@ -187,6 +205,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the device's dense bf16 peak (H100/H200 SXM: 989)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile", type=Path, help="directory for an operator table of "
+                        f"{PROFILED_STEPS} steps of each path, run after the timed ones")
     args = parser.parse_args()
     paths = args.paths.split(",")
     report: dict[str, Any] = {
@@ -197,18 +217,22 @@ def main() -> None:
         for shape in args.shapes.split(","):
             rows: dict[str, dict[str, Any]] = {}
             base = shape_config(shape, args, Path(tmp) / shape / "engine")
+            if args.profile:
+                args.profile.mkdir(parents=True, exist_ok=True)
             for path in paths:
+                profile_to = args.profile / f"{shape}-{path}.txt" if args.profile else None
                 if path == "engine-packed" and shape == "text":
                     continue  # windows are full: nothing to pack
                 if path.startswith("engine"):
                     config = (base if path == "engine" else shape_config(
                         shape, args, Path(tmp) / shape / path, path == "engine-compile",
                         path == "engine-packed"))
-                    rows[path] = engine_run(config, args)
+                    rows[path] = engine_run(config, args, profile_to)
                 else:
                     if not (base.run_dir() / "tokenizer").is_dir():  # the examples' tokenizer
                         engine_run(base, args)
-                    rows[path] = anchor_run(base, path, anchor_batches(base, args), args)
+                    rows[path] = anchor_run(base, path, anchor_batches(base, args), args,
+                                            profile_to)
                 print(shape, path, json.dumps(rows[path]), flush=True)
             tokenizer = load_saved_tokenizer(base.run_dir() / "tokenizer")
             model = build_backbone(base.model, tokenizer, seed=0)

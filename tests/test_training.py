@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -192,3 +193,21 @@ def test_methods_compiled_by_default_give_the_eager_loss_and_gradients(tmp_path:
     assert grads.keys() == eager_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_profile_records_its_window_of_steps_and_leaves_training_unchanged(
+        tmp_path: Path) -> None:
+    plain, profiled = tmp_path / "plain", tmp_path / "profiled"
+    train(tiny(plain, "train.max_steps=6", "train.eval_every=6"))
+    train(tiny(profiled, "train.max_steps=6", "train.eval_every=6", "train.profile=[3,2]"))
+    table = (profiled / "profile" / "steps-3-4.txt").read_text()
+    optimizer_row = next(line for line in table.splitlines() if "Optimizer.step" in line)
+    assert optimizer_row.split()[-1] == "2"  # calls: steps 3 and 4, no others
+    assert "aten::mm" in table  # the model's own operators
+    trace = json.loads(gzip.decompress(
+        (profiled / "profile" / "steps-3-4.trace.json.gz").read_bytes()))
+    assert sum(e.get("name") == "Optimizer.step#AdamW.step" for e in trace["traceEvents"]) == 2
+    a, b = final_weights(plain), final_weights(profiled)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[r.get("loss") for r in metric_rows(run)] for run in (plain, profiled)]
+    assert losses[0] == losses[1]

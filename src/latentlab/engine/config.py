@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 
 class Section(BaseModel):
@@ -46,6 +46,10 @@ class TrainConfig(Section):
                                    "optimizer steps with a checkpoint (for time-limited jobs); "
                                    "`--resume` continues")
     log_every: int = Field(10, ge=1)
+    profile: tuple[PositiveInt, PositiveInt] | None = Field(
+        None, description="[FIRST, COUNT]: record steps FIRST..FIRST+COUNT-1 with "
+        "torch.profiler; RUN_DIR/profile/ gets their operators by device time and a trace "
+        "(engine/profiling.py). Those steps run slower")
     data_workers: int | None = Field(
         None, ge=0, description="processes that generate and collate batches ahead of the "
         "step (None: on GPUs every core but one per process of the node, shared by them; 0 on "

@@ -43,6 +43,7 @@ from latentlab.engine.checkpoint import CheckpointManager
 from latentlab.engine.config import TrainConfig
 from latentlab.engine.cuda_graphs import GraphedSteps
 from latentlab.engine.interface import Stage, batch_to
+from latentlab.engine.profiling import StepProfiler
 from latentlab.errors import ConfigError, NumericalError, RunError
 from latentlab.signals import handling
 
@@ -266,6 +267,8 @@ class Trainer:
         # Made once WARM_STEPS steps are done: the speed is measured from there (the time
         # budget's plan, the start-up cost, the time left), past compilation and first batches.
         self._pace: Pace | None = None
+        profiler = (StepProfiler(*cfg.profile, self.run_dir / "profile", self.acc.device,
+                                 self.acc.is_main_process) if cfg.profile else None)
         with self._signals():
             for stage_index in range(state.stage, len(stages)):
                 stage = stages[stage_index]
@@ -285,7 +288,9 @@ class Trainer:
                             on_start()
                             on_start = None
                         t0 = time.perf_counter()
-                        result = self._step(model, optimizer, scheduler, micro)
+                        with (profiler.step(state.step + 1) if profiler
+                              else contextlib.nullcontext()):
+                            result = self._step(model, optimizer, scheduler, micro)
                         window["time"] += time.perf_counter() - t0
                         if (not result.finite and not result.overflow
                                 and cfg.on_nonfinite == "stop"):
