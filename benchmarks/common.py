@@ -3,8 +3,10 @@ operator profile."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,3 +74,11 @@ def profile_table(fn: Callable[[], Any], device: torch.device, calls: int = 1) -
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return operator_table(prof, device)
+
+
+def write_report(report: dict[str, Any], out: Path | None) -> None:
+    """The benchmark's JSON, printed and written to `out` (`--out`) if given."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    if out:
+        out.write_text(text)

@@ -29,11 +29,12 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import DTYPES, Clock, gigabytes, profile_table
+from common import DTYPES, Clock, gigabytes, profile_table, write_report
 from torch import Tensor
 
 from latentlab.backbones import build_backbone, count_parameters, load_saved_tokenizer
@@ -53,20 +54,22 @@ PROFILED_STEPS = 3  # after the timed steps, with --profile
 
 
 def shape_config(shape: str, args: argparse.Namespace, out_dir: Path,
-                 compile_model: bool = False, packing: bool = False) -> RunConfig:
-    """The shape's recipe at the benchmark's size: `warmup + steps` steps (and the profiled
-    ones), a metrics row at the end of the warm-up and one at the end of the timed window, no
-    final scoring."""
+                 compile_model: bool = False, packing: bool = False,
+                 recipe: str | None = None, extra: Sequence[str] = ()) -> RunConfig:
+    """The shape's recipe (or `recipe`, a config file of that shape, with the overrides
+    `extra`) at the benchmark's size: `warmup + steps` steps (and the profiled ones), a
+    metrics row at the end of the warm-up and one at the end of the timed window, no final
+    scoring."""
     timed = args.warmup + args.steps
-    extra = [f"train.profile=[{timed + 1},{PROFILED_STEPS}]"] if args.profile else []
+    profiled = [f"train.profile=[{timed + 1},{PROFILED_STEPS}]"] if args.profile else []
     overrides = [
         f"model.name={args.preset}", f"train.batch_size={args.batch}",
-        f"train.max_steps={total_steps(args)}", "train.max_time=null", *extra,
+        f"train.max_steps={total_steps(args)}", "train.max_time=null", *profiled,
         f"train.log_every={math.gcd(args.warmup, args.steps)}", "train.warmup_steps=0",
         f"train.eval_every={total_steps(args)}", "train.eval_samples=1",
         "train.save_every_minutes=null", "eval.splits=[]", "eval.max_new_tokens=1",
         f"model.compile={str(compile_model).lower()}", f"out_dir={out_dir}",
-        f"method.packing={str(packing).lower()}",
+        *(["method.packing=true"] if packing else []),  # an option of CoT and No-CoT only
         f"train.mixed_precision={'bf16' if args.dtype == 'bf16' else 'no'}"]
     if shape == "text":
         overrides += [f"task.seq_len={args.seq_len}", "task.n_valid=1", "task.n_test=1",
@@ -77,7 +80,7 @@ def shape_config(shape: str, args: argparse.Namespace, out_dir: Path,
                       f"task.n_train={args.batch * total_steps(args)}"]
     if not args.preset.startswith("gpt2") and shape != "text":
         overrides.append("model.preset_overrides={}")  # the recipes' are GPT-2's dropouts
-    return load_config(CONFIGS / SHAPES[shape], overrides)
+    return load_config(CONFIGS / (recipe or SHAPES[shape]), [*overrides, *extra])
 
 
 def total_steps(args: argparse.Namespace) -> int:
@@ -92,23 +95,27 @@ def engine_run(config: RunConfig, args: argparse.Namespace,
     start = time.perf_counter()
     train(config)
     wall = time.perf_counter() - start
-    rows = [json.loads(line) for line in
-            (config.run_dir() / "metrics.jsonl").read_text().splitlines()]
     if profile_to is not None:
         first = args.warmup + args.steps + 1
         table = config.run_dir() / "profile" / f"steps-{first}-{first + PROFILED_STEPS - 1}.txt"
         profile_to.write_text(table.read_text())
+    return {**timed_window(config.run_dir(), args), "run_seconds": wall,
+            "peak_gb": gigabytes(torch.cuda.max_memory_allocated(device))
+            if device.type == "cuda" else None}
+
+
+def timed_window(run_dir: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Real tokens/s (of every process) over the timed steps, from the run's metrics rows at
+    the end of the warm-up and of the timed window."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "tokens_per_s" in r]
     warm = next(r for r in logged if r["step"] == args.warmup)
     last = next(r for r in logged if r["step"] == args.warmup + args.steps)
-    tokens_per_s = ((last["tokens"] - warm["tokens"])
-                    / (last["train_seconds"] - warm["train_seconds"]))
-    return {"tokens_per_s": tokens_per_s,
+    seconds = last["train_seconds"] - warm["train_seconds"]
+    return {"tokens_per_s": (last["tokens"] - warm["tokens"]) / seconds,
             "real_tokens_per_step": (last["tokens"] - warm["tokens"]) / args.steps,
-            "seconds_per_step": (last["train_seconds"] - warm["train_seconds"]) / args.steps,
-            "first_steps_seconds": warm["train_seconds"], "run_seconds": wall,
-            "peak_gb": gigabytes(torch.cuda.max_memory_allocated(device))
-            if device.type == "cuda" else None}
+            "seconds_per_step": seconds / args.steps,
+            "first_steps_seconds": warm["train_seconds"]}
 
 
 def anchor_batches(config: RunConfig, args: argparse.Namespace) -> list[dict[str, Tensor]]:
@@ -244,10 +251,7 @@ def main() -> None:
                               if args.device == "cuda" else None)
                 row["vs_anchor"] = row["tokens_per_s"] / anchor if anchor else None
             report["shapes"][shape] = rows
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":
