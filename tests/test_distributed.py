@@ -1,5 +1,5 @@
-"""Two processes on CPU (torchrun, gloo): the run shards its data, trains one model and writes
-one run directory. Before `make_accelerator` passed `cpu`, each process took itself for the
+"""Two processes on CPU (torchrun, gloo): the run shards its data, trains one model, writes
+one run directory, and resumes exactly. Before `make_accelerator` passed `cpu`, each process took itself for the
 main one: both wrote the tokenizer (one crashed) and each trained on all the data."""
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
-from test_training import TINY
+from conftest import metric_rows
+from test_training import TINY, final_weights
 
 from latentlab.recipes import load_run
 from latentlab.recipes.dependence import latent_dependence
@@ -23,7 +25,7 @@ CONFIG = {**TINY, "method": {"name": "coconut", "max_latent_stage": 1, "epochs_p
                     "eval_every": 0}}
 
 
-def train_with(processes: int, run_dir: Path) -> tuple[list[dict], str]:
+def train_with(processes: int, run_dir: Path, *args: str) -> tuple[list[dict], str]:
     config = run_dir.parent / f"{run_dir.name}.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -31,8 +33,8 @@ def train_with(processes: int, run_dir: Path) -> tuple[list[dict], str]:
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable])
     done = subprocess.run([*launch, "-m", "latentlab", "train", str(config),
-                           f"out_dir={run_dir}"], env=env, capture_output=True, text=True,
-                          timeout=600)
+                           f"out_dir={run_dir}", *args], env=env, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return rows, done.stdout
@@ -58,3 +60,14 @@ def test_two_cpu_processes_shard_the_data_and_write_one_run(tmp_path: Path) -> N
     assert results["test"]["latent_dependence"] == latent_dependence(
         method, build_task(config.task), examples, config.eval.batch_size,
         config.eval.max_new_tokens)
+
+
+def test_two_processes_killed_and_resumed_continue_exactly(tmp_path: Path) -> None:
+    """Stopped after step 3 of 10 (mid-epoch, inside Coconut's first stage) and resumed: the
+    same weights and metrics as two processes that ran straight through."""
+    train_with(2, tmp_path / "straight")
+    train_with(2, tmp_path / "resumed", "train.stop_after=3")
+    train_with(2, tmp_path / "resumed", "--resume")
+    assert metric_rows(tmp_path / "resumed") == metric_rows(tmp_path / "straight")
+    a, b = (final_weights(tmp_path / name) for name in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
