@@ -1,6 +1,7 @@
 """Two processes on CPU (torchrun, gloo): the run shards its data, trains one model, writes
-one run directory, and resumes exactly. Before `make_accelerator` passed `cpu`, each process took itself for the
-main one: both wrote the tokenizer (one crashed) and each trained on all the data."""
+one run directory, and resumes exactly. Before `make_accelerator` passed `cpu`, each process
+took itself for the main one: both wrote the tokenizer (one crashed) and each trained on all
+the data."""
 
 from __future__ import annotations
 

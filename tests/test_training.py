@@ -211,3 +211,11 @@ def test_profile_records_its_window_of_steps_and_leaves_training_unchanged(
     assert all(torch.equal(a[k], b[k]) for k in a)
     losses = [[r.get("loss") for r in metric_rows(run)] for run in (plain, profiled)]
     assert losses[0] == losses[1]
+
+
+def test_a_run_ending_inside_its_profile_window_writes_the_steps_it_made(
+        tmp_path: Path) -> None:
+    train(tiny(tmp_path, "train.max_steps=4", "train.eval_every=4", "train.profile=[3,5]"))
+    table = (tmp_path / "profile" / "steps-3-4.txt").read_text()
+    optimizer_row = next(line for line in table.splitlines() if "Optimizer.step" in line)
+    assert optimizer_row.split()[-1] == "2"

@@ -32,13 +32,22 @@ def profiler_for(device: torch.device) -> profile:
 
 class StepProfiler:
     """Records steps `first`..`first + count - 1` (numbered from 1, as the metrics are) and
-    writes their table and trace to `out_dir` (only where `write`: the main process)."""
+    writes their table and trace to `out_dir` (only where `write`: the main process). Used as
+    a context around the training loop: a run that ends inside the window writes the steps it
+    made."""
 
     def __init__(self, first: int, count: int, out_dir: Path, device: torch.device,
                  write: bool) -> None:
         self.first, self.last = first, first + count - 1
         self.out_dir, self.device, self.write = out_dir, device, write
         self._prof: profile | None = None
+        self._recorded = 0  # the last step recorded
+
+    def __enter__(self) -> StepProfiler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._finish()
 
     @contextlib.contextmanager
     def step(self, number: int) -> Iterator[None]:
@@ -47,14 +56,21 @@ class StepProfiler:
             self._prof = profiler_for(self.device)
             self._prof.start()
         yield
-        if self._prof is not None and number == self.last:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # the window's kernels finish inside it
-            self._prof.stop()
-            if self.write:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-                name = f"steps-{self.first}-{self.last}"
-                (self.out_dir / f"{name}.txt").write_text(
-                    operator_table(self._prof, self.device) + "\n", encoding="utf-8")
-                self._prof.export_chrome_trace(str(self.out_dir / f"{name}.trace.json.gz"))
-            self._prof = None
+        if self._prof is not None:
+            self._recorded = number
+            if number == self.last:
+                self._finish()
+
+    def _finish(self) -> None:
+        if self._prof is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the window's kernels finish inside it
+        self._prof.stop()
+        if self.write and self._recorded:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            name = f"steps-{self.first}-{self._recorded}"
+            (self.out_dir / f"{name}.txt").write_text(
+                operator_table(self._prof, self.device) + "\n", encoding="utf-8")
+            self._prof.export_chrome_trace(str(self.out_dir / f"{name}.trace.json.gz"))
+        self._prof = None

@@ -269,7 +269,7 @@ class Trainer:
         self._pace: Pace | None = None
         profiler = (StepProfiler(*cfg.profile, self.run_dir / "profile", self.acc.device,
                                  self.acc.is_main_process) if cfg.profile else None)
-        with self._signals():
+        with self._signals(), profiler or contextlib.nullcontext():
             for stage_index in range(state.stage, len(stages)):
                 stage = stages[stage_index]
                 self._unwrap().set_stage(stage_index)
