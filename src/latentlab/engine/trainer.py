@@ -467,23 +467,30 @@ class Trainer:
                 metrics[name] = metrics.get(name, 0.0) + value.detach().float() / len(micro)
         max_norm = self.config.max_grad_norm or float("inf")
         grad_norm = self.acc.clip_grad_norm_(model.parameters(), max_norm)
-        loss = self.acc.reduce(total_loss, reduction="mean")
-        # Loss and norm are reduced over processes, so every process takes the same branch.
-        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+        # The step's numbers in one reduction over processes and one copy to the host: each
+        # read of a device number waits for the GPU, and each reduction is a collective.
+        # Float64 keeps token counts exact; the norm, the same on every process, is not reduced.
+        names = list(metrics)
+        local = torch.stack([total_loss, torch.tensor(tokens, device=self.acc.device),
+                             *(metrics[n] for n in names)]).double()
+        summed = self.acc.reduce(local, reduction="sum")
+        loss_sum, token_total, *metric_sums, norm = torch.cat(
+            [summed, grad_norm.detach().double().reshape(1)]).tolist()
+        loss = loss_sum / self.acc.num_processes
+        # Loss and norm are the same on every process, so every process takes the same branch.
+        finite = math.isfinite(loss) and math.isfinite(norm)
         overflow = False
         # Under fp16 the loss scaler decides on the gradients: its step skips the update and
         # lowers the scale when they hold Inf/NaN (an overflow, routine while the scale adapts).
-        if finite or (self.acc.scaler is not None and bool(torch.isfinite(loss))):
+        if finite or (self.acc.scaler is not None and math.isfinite(loss)):
             optimizer.step()
             overflow = self.acc.optimizer_step_was_skipped
             finite = finite and not overflow
             if not overflow:
                 scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        token_count = torch.tensor(tokens, device=self.acc.device)
-        means = {k: float(self.acc.reduce(v, reduction="mean")) for k, v in metrics.items()}
-        return StepResult(float(loss), int(self.acc.reduce(token_count, reduction="sum")),
-                          float(grad_norm), finite, overflow, means)
+        means = {n: v / self.acc.num_processes for n, v in zip(names, metric_sums, strict=True)}
+        return StepResult(loss, int(token_total), norm, finite, overflow, means)
 
     def _graphed_steps(self, model: nn.Module) -> GraphedSteps:
         problem = ("it needs a CUDA device" if self.acc.device.type != "cuda"
