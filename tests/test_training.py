@@ -219,3 +219,25 @@ def test_a_run_ending_inside_its_profile_window_writes_the_steps_it_made(
     table = (tmp_path / "profile" / "steps-3-4.txt").read_text()
     optimizer_row = next(line for line in table.splitlines() if "Optimizer.step" in line)
     assert optimizer_row.split()[-1] == "2"
+
+
+def test_validation_runs_a_compiled_model_eagerly(tmp_path: Path, monkeypatch) -> None:
+    """Compiled code serves the training step; validation's generation, with its own call
+    forms (a prefill per length, a decode over each layer's cache), would compile them anew."""
+    from torch._dynamo.utils import counters
+
+    import latentlab.recipes.reasoning as reasoning
+    compiled_during: list[int] = []
+    evaluate = reasoning.evaluate
+
+    def counting(*args, **kwargs):
+        before = counters["stats"]["unique_graphs"]
+        result = evaluate(*args, **kwargs)
+        compiled_during.append(counters["stats"]["unique_graphs"] - before)
+        return result
+
+    monkeypatch.setattr(reasoning, "evaluate", counting)
+    train(tiny(tmp_path, "model.compile=true", "model.compile_scope=layers",
+               "train.max_steps=2", "train.eval_every=2"))
+    assert counters["stats"]["unique_graphs"] > 0  # the training step was compiled
+    assert compiled_during[0] == 0  # the validation at step 2 was not
