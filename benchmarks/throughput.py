@@ -60,8 +60,7 @@ def shape_config(shape: str, args: argparse.Namespace, out_dir: Path,
     `extra`) at the benchmark's size: `warmup + steps` steps (and the profiled ones), a
     metrics row at the end of the warm-up and one at the end of the timed window, no final
     scoring."""
-    timed = args.warmup + args.steps
-    profiled = [f"train.profile=[{timed + 1},{PROFILED_STEPS}]"] if args.profile else []
+    profiled = [f"train.profile=[{profiled_first(args)},{PROFILED_STEPS}]"] if args.profile else []
     overrides = [
         f"model.name={args.preset}", f"train.batch_size={args.batch}",
         f"train.max_steps={total_steps(args)}", "train.max_time=null", *profiled,
@@ -83,6 +82,11 @@ def shape_config(shape: str, args: argparse.Namespace, out_dir: Path,
     return load_config(CONFIGS / (recipe or SHAPES[shape]), [*overrides, *extra])
 
 
+def profiled_first(args: argparse.Namespace) -> int:
+    """The first step profiled (`--profile`): the one after the timed window."""
+    return args.warmup + args.steps + 1
+
+
 def total_steps(args: argparse.Namespace) -> int:
     return args.warmup + args.steps + (PROFILED_STEPS if args.profile else 0)
 
@@ -96,7 +100,7 @@ def engine_run(config: RunConfig, args: argparse.Namespace,
     train(config)
     wall = time.perf_counter() - start
     if profile_to is not None:
-        first = args.warmup + args.steps + 1
+        first = profiled_first(args)
         table = config.run_dir() / "profile" / f"steps-{first}-{first + PROFILED_STEPS - 1}.txt"
         profile_to.write_text(table.read_text())
     return {**timed_window(config.run_dir(), args), "run_seconds": wall,
@@ -216,6 +220,8 @@ def main() -> None:
                         f"{PROFILED_STEPS} steps of each path, run after the timed ones")
     args = parser.parse_args()
     paths = args.paths.split(",")
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__, "preset": args.preset, "batch": args.batch,
@@ -224,8 +230,6 @@ def main() -> None:
         for shape in args.shapes.split(","):
             rows: dict[str, dict[str, Any]] = {}
             base = shape_config(shape, args, Path(tmp) / shape / "engine")
-            if args.profile:
-                args.profile.mkdir(parents=True, exist_ok=True)
             for path in paths:
                 profile_to = args.profile / f"{shape}-{path}.txt" if args.profile else None
                 if path == "engine-packed" and shape == "text":

@@ -31,13 +31,14 @@ def profiler_for(device: torch.device) -> profile:
 
 
 class StepProfiler:
-    """Records steps `first`..`first + count - 1` (numbered from 1, as the metrics are) and
-    writes their table and trace to `out_dir` (only where `write`: the main process). Used as
-    a context around the training loop: a run that ends inside the window writes the steps it
-    made."""
+    """Records the steps of `window` (FIRST, COUNT: steps FIRST..FIRST+COUNT-1, numbered from 1
+    as the metrics are; None: none) and writes their table and trace to `out_dir` (only where
+    `write`: the main process). Used as a context around the training loop: a run that ends
+    inside the window writes the steps it made."""
 
-    def __init__(self, first: int, count: int, out_dir: Path, device: torch.device,
+    def __init__(self, window: tuple[int, int] | None, out_dir: Path, device: torch.device,
                  write: bool) -> None:
+        first, count = window or (0, 0)  # step 0 never runs: nothing is recorded
         self.first, self.last = first, first + count - 1
         self.out_dir, self.device, self.write = out_dir, device, write
         self._prof: profile | None = None

@@ -267,9 +267,9 @@ class Trainer:
         # Made once WARM_STEPS steps are done: the speed is measured from there (the time
         # budget's plan, the start-up cost, the time left), past compilation and first batches.
         self._pace: Pace | None = None
-        profiler = (StepProfiler(*cfg.profile, self.run_dir / "profile", self.acc.device,
-                                 self.acc.is_main_process) if cfg.profile else None)
-        with self._signals(), profiler or contextlib.nullcontext():
+        profiler = StepProfiler(cfg.profile, self.run_dir / "profile", self.acc.device,
+                                self.acc.is_main_process)
+        with self._signals(), profiler:
             for stage_index in range(state.stage, len(stages)):
                 stage = stages[stage_index]
                 self._unwrap().set_stage(stage_index)
@@ -288,8 +288,7 @@ class Trainer:
                             on_start()
                             on_start = None
                         t0 = time.perf_counter()
-                        with (profiler.step(state.step + 1) if profiler
-                              else contextlib.nullcontext()):
+                        with profiler.step(state.step + 1):
                             result = self._step(model, optimizer, scheduler, micro)
                         window["time"] += time.perf_counter() - t0
                         if (not result.finite and not result.overflow
@@ -471,8 +470,9 @@ class Trainer:
         # read of a device number waits for the GPU, and each reduction is a collective.
         # Float64 keeps token counts exact; the norm, the same on every process, is not reduced.
         names = list(metrics)
-        local = torch.stack([total_loss, torch.tensor(tokens, device=self.acc.device),
-                             *(metrics[n] for n in names)]).double()
+        local = torch.stack([total_loss.double(),
+                             torch.tensor(tokens, dtype=torch.float64, device=self.acc.device),
+                             *(metrics[n].double() for n in names)])
         summed = self.acc.reduce(local, reduction="sum")
         loss_sum, token_total, *metric_sums, norm = torch.cat(
             [summed, grad_norm.detach().double().reshape(1)]).tolist()
