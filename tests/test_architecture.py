@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).parents[1] / "src" / "latentlab"
 LAYERS = {
     "errors": 0, "paths": 0, "latents": 0, "signals": 0,
     "engine": 1, "model_config": 1,
-    "tasks": 2, "backbones": 2, "token_shift": 2,
+    "tasks": 2, "backbones": 2, "token_shift": 2, "lm_head": 2,
     "methods": 3,
     "config": 4,
     "recipes": 5,

@@ -22,6 +22,7 @@ from latentlab.backbones import (
     train_tokenizer,
 )
 from latentlab.errors import ModelError
+from latentlab.lm_head import head_cross_entropy
 
 CORPUS = ["Numbers: 25 5 4. Target: 80.\n25-5=20\n20*4=80\n### (25-5)*4",
           "Every shumpus is a rempus. Tom is a shumpus.\n### Tom is a rempus."] * 50
@@ -143,3 +144,38 @@ def test_a_model_directory_with_another_tokenizer_is_refused(tmp_path: Path) -> 
     assert len(other) == len(tok)  # the same size: the embedding check cannot see it
     with pytest.raises(ModelError, match="is not the tokenizer saved with the model"):
         check_tokenizer_matches(config, other)
+
+
+def test_head_cross_entropy_of_a_compiled_model_equals_the_eager_loss_hits_and_gradients(
+        ) -> None:
+    """The LM head's loss runs compiled on a model compile_transformers compiled (the float32
+    logits never stored); it computes what the plain head + cross-entropy compute, with the
+    ignored rows at zero."""
+    tok = train_tokenizer(CORPUS, 300)
+    model = build_backbone(ModelConfig(name="gpt2-tiny"), tok, seed=0)
+    states = torch.randn(37, model.config.n_embd)
+    targets = torch.randint(0, model.config.vocab_size, (37,))
+    targets[[3, 20]] = -100
+
+    def run() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        x = states.clone().requires_grad_()
+        model.zero_grad()
+        nll, hits = head_cross_entropy(model, x, targets, -100, hits=True)
+        (nll * torch.linspace(0.5, 2, 37)).sum().backward()
+        return nll.detach(), hits, x.grad, model.get_output_embeddings().weight.grad.clone()
+
+    logits = model.get_output_embeddings()(states).float()
+    expected = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    eager = run()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compile_transformers(torch.nn.ModuleDict({"backbone": model}))
+    compiled = run()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # the head's loss
+    torch.testing.assert_close(eager[0], expected)
+    assert eager[0][[3, 20]].eq(0).all()
+    assert torch.equal(eager[1], logits.argmax(-1) == targets)
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # Without hits asked for, none are computed.
+    assert head_cross_entropy(model, states, targets, -100)[1] is None

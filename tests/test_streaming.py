@@ -112,6 +112,36 @@ def test_streamed_run_resumed_reaches_the_uninterrupted_weights(tmp_path: Path) 
     assert not all(torch.equal(a[k], final_weights(fixed)[k]) for k in a)
 
 
+def test_the_next_epoch_loads_ahead_in_workers_and_trains_as_without_workers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With data workers, each epoch's loader starts before the previous epoch ends (no wait
+    at the boundary), within a stage; the run equals one collated in the main process."""
+    from latentlab.engine.trainer import Trainer
+
+    events: list[str] = []
+    loader, step = Trainer._loader, Trainer._step
+
+    def recording_loader(self: Trainer, prepare: Any, stage: int, epoch: int, *args: Any) -> Any:
+        events.append(f"load {stage}.{epoch}")
+        return loader(self, prepare, stage, epoch, *args)
+
+    def recording_step(self: Trainer, *args: Any) -> Any:
+        events.append("step")
+        return step(self, *args)
+
+    monkeypatch.setattr(Trainer, "_loader", recording_loader)
+    monkeypatch.setattr(Trainer, "_step", recording_step)
+    workers, plain = tmp_path / "workers", tmp_path / "plain"
+    train(tiny(workers, *STREAM, "train.data_workers=1", "train.epochs=3"))  # 3 steps each
+    # One worker collates 4 batches ahead: an epoch of 3 starts the next with its first batch.
+    assert events == ["load 0.0", "load 0.1", "step", "step", "step",
+                      "load 0.2", "step", "step", "step", "step", "step", "step"]
+    train(tiny(plain, *STREAM, "train.data_workers=0", "train.epochs=3"))
+    a, b = final_weights(workers), final_weights(plain)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metric_rows(workers) == metric_rows(plain)
+
+
 def test_streamed_run_killed_with_workers_then_resumed_is_bit_identical(
         tmp_path: Path) -> None:
     """SIGKILL a streamed run whose batches come from two DataLoader worker processes, then

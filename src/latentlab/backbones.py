@@ -31,6 +31,7 @@ from transformers import (
 from transformers.utils import cached_file
 
 from latentlab.errors import ModelError
+from latentlab.lm_head import compile_head_loss
 from latentlab.model_config import ModelConfig
 from latentlab.paths import resolve_path
 from latentlab.token_shift import (
@@ -309,6 +310,9 @@ def compile_transformers(module: torch.nn.Module,
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     for target in targets:
         target.compile(dynamic=True)
+    for model in module.modules():  # the LM head's model, not only its body's
+        if isinstance(model, PreTrainedModel):
+            compile_head_loss(model)
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:

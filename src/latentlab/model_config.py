@@ -30,9 +30,10 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile each Hugging Face model's transformer body (dynamic "
-        "shapes): 'auto' on a CUDA device (a step on the task shapes about 4x the eager one, a "
-        "GPT-2 small text step 1.5x, on an H200; about a minute of compiling first), true on "
-        "any device, false never (docs/results.md, 'Training throughput')")
+        "shapes) and its LM head's cross-entropy (no float32 logits stored): 'auto' on a CUDA "
+        "device (a step on the task shapes about 4x the eager one, a GPT-2 small text step "
+        "1.5x, on an H200; about a minute of compiling first), true on any device, false "
+        "never (docs/results.md, 'Training throughput')")
     compile_scope: Literal["body", "layers"] = Field(
         "body", description="what model.compile compiles: 'body', each transformer body as one "
         "graph; 'layers', each decoder layer on its own (regional compilation): the layers "

@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -162,6 +162,14 @@ class Pace:
         return self.step_time + self.overhead / (step - self.start_step)
 
 
+PREFETCH_FACTOR = 4  # batches each data worker collates ahead
+
+
+class EpochLoader(NamedTuple):
+    batches: list[list[int]]  # the epoch's global batches (example indices)
+    loader: Iterator[list[dict[str, Any]]]  # this process's micro-batches, from the start
+
+
 class StepBatches(Dataset):
     """Item b: this process's micro-batches of global batch b, collated (run in DataLoader
     workers, so that collation overlaps the previous step)."""
@@ -277,13 +285,21 @@ class Trainer:
                     self.graphs.forget()
                 if stage.reset_optimizer and stage_index > 0 and state.epoch == state.batch == 0:
                     optimizer.optimizer.state.clear()
+                upcoming: EpochLoader | None = None  # the next epoch's, started early
                 for epoch in range(state.epoch, stage.epochs):
-                    data = prepare(stage_index, epoch)
-                    batches = self._epoch_batches(len(data), stage_index, epoch, global_batch)
-                    loader = self._loader(data, batches, state.batch)
+                    batches, loader = upcoming or self._loader(
+                        prepare, stage_index, epoch, global_batch, state.batch)
+                    upcoming = None
                     clock = time.perf_counter()
                     for b, micro in zip(range(state.batch, len(batches)), loader, strict=True):
                         window["wait"] += time.perf_counter() - clock  # for the next batch
+                        if (upcoming is None and epoch + 1 < stage.epochs
+                                and len(batches) - b <= self._lookahead):
+                            # The next epoch's workers start while this epoch's last batches,
+                            # already collated, are trained on: no wait at the boundary.
+                            # Within a stage only: a new stage may collate differently.
+                            upcoming = self._loader(prepare, stage_index, epoch + 1,
+                                                    global_batch, 0)
                         if on_start is not None:
                             on_start()
                             on_start = None
@@ -368,13 +384,25 @@ class Trainer:
         bar.close()
         return state
 
-    def _loader(self, data: Sequence[Any], batches: list[list[int]],
-                start: int) -> DataLoader:
-        """Batches `start`.. of an epoch, collated in `train.data_workers` worker processes
-        (forked: they share the data and the method's tokenizer) and pinned for the GPU."""
+    @property
+    def _workers(self) -> int:
         workers = self.config.data_workers
-        if workers is None:
-            workers = default_data_workers(self.acc.device.type)
+        return default_data_workers(self.acc.device.type) if workers is None else workers
+
+    @property
+    def _lookahead(self) -> int:
+        """Batches before an epoch's end at which the next epoch's loader starts: the
+        batches the current one has in flight, so its workers are idle by then."""
+        return self._workers * PREFETCH_FACTOR  # 0 without workers: nothing to start early
+
+    def _loader(self, prepare: Callable[[int, int], Sequence[Any]], stage: int, epoch: int,
+                global_batch: int, start: int) -> EpochLoader:
+        """An epoch's batches, and an iterator over batches `start`.., collated in
+        `train.data_workers` worker processes (forked: they share the data and the method's
+        tokenizer) and pinned for the GPU. The workers start, and begin collating, at once."""
+        data = prepare(stage, epoch)
+        batches = self._epoch_batches(len(data), stage, epoch, global_batch)
+        workers = self._workers
         if workers:
             # Forked workers would otherwise inherit a tokenizer's busy thread pool.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -383,11 +411,12 @@ class Trainer:
         # Its own generator: a DataLoader draws a seed for its workers from the generator it
         # is given, which must not be the global one (dropout's draws would then depend on
         # where an epoch was entered, and a resumed run would differ).
-        return DataLoader(steps, batch_size=None, sampler=range(start, len(batches)),
-                          collate_fn=_as_is, num_workers=workers, generator=torch.Generator(),
-                          pin_memory=self.acc.device.type == "cuda",
-                          prefetch_factor=4 if workers else None,
-                          multiprocessing_context="fork" if workers else None)
+        loader = DataLoader(steps, batch_size=None, sampler=range(start, len(batches)),
+                            collate_fn=_as_is, num_workers=workers, generator=torch.Generator(),
+                            pin_memory=self.acc.device.type == "cuda",
+                            prefetch_factor=PREFETCH_FACTOR if workers else None,
+                            multiprocessing_context="fork" if workers else None)
+        return EpochLoader(batches, iter(loader))
 
     def _plan(self, state: TrainerState, bar: Any, validated: bool = False) -> None:
         """Lay the schedule out over the steps the time budget allows at the measured pace:

@@ -34,6 +34,7 @@ from latentlab.engine.generation import (
 )
 from latentlab.engine.interface import Stage, StepOutput
 from latentlab.errors import ConfigError, RunError
+from latentlab.lm_head import head_cross_entropy
 from latentlab.tasks.base import Example, Task
 
 if TYPE_CHECKING:
@@ -511,11 +512,10 @@ def part_lm_loss(backbone: PreTrainedModel, hidden: Tensor, batch: Batch,
     states = hidden.flatten(0, 1).index_select(0, index)
     targets = labels.flatten().index_select(0, index + 1)
     part = parts.flatten().index_select(0, index + 1)  # 0 for the index's fillers
-    logits = backbone.get_output_embeddings()(states).float()
-    nll = nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
+    nll, hit = head_cross_entropy(backbone, states, targets, IGNORE, hits=True)
+    assert hit is not None
     sums = nll.new_zeros(len(PARTS) + 1).index_add_(0, part, nll)
-    hits = nll.new_zeros(len(PARTS) + 1).index_add_(
-        0, part, (logits.argmax(-1) == targets).float())
+    hits = nll.new_zeros(len(PARTS) + 1).index_add_(0, part, hit.float())
     counts = batch["part_counts"].to(nll.device)
     main = (sums[2:].sum() / counts[2:].sum().clamp(min=1))
     loss = main + question_weight * sums[1] / counts[1].clamp(min=1) if question_weight else main
@@ -540,5 +540,5 @@ def lm_loss(backbone: PreTrainedModel, hidden: Tensor, labels: Tensor,
         index = label_index(labels)
     states = hidden.flatten(0, 1).index_select(0, index)
     targets = labels.flatten().index_select(0, index + 1)
-    logits = backbone.get_output_embeddings()(states)
-    return nn.functional.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
+    nll, _ = head_cross_entropy(backbone, states, targets, IGNORE)
+    return nll.sum() / (targets != IGNORE).sum()
