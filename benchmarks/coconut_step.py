@@ -22,6 +22,7 @@ head has GPT-2's size. Weights are random: speed does not depend on them.
 
     python benchmarks/coconut_step.py --device cuda --out coconut_step.json
     python benchmarks/coconut_step.py --device cuda --compile --out coconut_step_compiled.json
+    python benchmarks/coconut_step.py --device cuda --compile --compile-scope layers --quick --out F
     python benchmarks/coconut_step.py --device cuda --cuda-graphs --quick --out graphs.json
     python benchmarks/coconut_step.py --preset gpt2-tiny --device cpu --steps 2   # smoke
 """
@@ -139,6 +140,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compile", action="store_true",
                         help="model.compile=true: torch.compile the transformer body (every "
                         "variant, so the ratios compare like with like)")
+    parser.add_argument("--compile-scope", choices=["body", "layers"], default="body",
+                        help="with --compile, model.compile_scope: the body as one graph, or "
+                        "each decoder layer (regional compilation)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="train.cuda_graphs=true: every variant's step replayed from a "
                         "CUDA graph (recorded during the warmup steps)")
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     method = Coconut(config, backbone, tokenizer).to(device)
     method.set_stage(args.thoughts)  # the last stage: all steps are thoughts
     if args.compile:
-        compile_transformers(method)
+        compile_transformers(method, args.compile_scope)
     rng = random.Random(args.seed)
     examples = make_examples(args, rng, args.batch)
     gen_examples = make_examples(args, rng, args.gen_batch)
@@ -213,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         seconds = clock.mean_seconds(step, args.steps, args.warmup)
         peak = clock.peak_bytes(step, replayed=graphs is not None)
-        train[name] = {"ms": 1e3 * seconds, "peak_memory_gb": gigabytes(peak)}
+        train[name] = {"ms": 1e3 * seconds, "peak_memory_gb": gigabytes(peak),
+                       "warmup_s": clock.warmup_seconds}  # compiling, recording included
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
             (args.profile / f"{name}.txt").write_text(profile_table(step, device))

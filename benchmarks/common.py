@@ -30,15 +30,20 @@ def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
 class Clock:
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.warmup_seconds = 0.0
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def mean_seconds(self, fn: Callable[[], Any], steps: int, warmup: int) -> float:
+        """Mean seconds of `steps` calls after `warmup` untimed ones (whose total, compiling
+        included, is left in `warmup_seconds`)."""
+        start = time.perf_counter()
         for _ in range(warmup):
             fn()
         self.sync()
+        self.warmup_seconds = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(steps):
             fn()
