@@ -106,13 +106,6 @@ class ColumnInputs:
             if start < past:
                 kept.append((start, piece[:, : past - start]))
         self.pieces = [*kept, (past, inputs)]
-        if len(self.pieces) > 1 and torch.compiler.is_compiling() and \
-                not torch.is_grad_enabled():
-            # Compiled code guards on the number of pieces, which grows by one per decoded
-            # token: the body would be compiled again for every token, up to the recompile
-            # limit. Outside autograd the pieces are merged into one (gaps as zeros).
-            first, end = self.pieces[0][0], past + inputs.shape[1]
-            self.pieces = [(first, self.before(end, end - first, inputs))]
 
 
 def decoder_layers(model: PreTrainedModel, option: str = "model.token_shift=0") -> nn.ModuleList:
@@ -125,6 +118,20 @@ def decoder_layers(model: PreTrainedModel, option: str = "model.token_shift=0") 
     raise ModelError(f"{option.split('=')[0]}: no list of {count} decoder layers in "
                      f"{type(model.base_model).__name__}",
                      fix=f"set {option} for this model")
+
+
+@torch.compiler.disable
+def _columns_before(cache: Cache, shift: TokenShift, hidden: Tensor) -> Tensor | None:
+    """The inputs of the columns before this pass's in `cache` (None at its start), and
+    this pass's recorded. Outside compiled code: traced, the bookkeeping would be guarded on,
+    and a compiled layer would compile again for every pass (or decoded token)."""
+    if not hasattr(cache, "token_shift_inputs"):
+        cache.token_shift_inputs = {}
+    columns = cache.token_shift_inputs.setdefault(shift.index, ColumnInputs())
+    past = cache.get_seq_length(shift.index)  # the layer has not added this pass's yet
+    before = columns.before(past, shift.weight.shape[0] - 1, hidden) if past else None
+    columns.record(past, hidden)
+    return before
 
 
 def _shift_inputs(layer: nn.Module, args: tuple, kwargs: dict[str, Any]
@@ -141,16 +148,8 @@ def _shift_inputs(layer: nn.Module, args: tuple, kwargs: dict[str, Any]
     if cache is None and len(args) > 1 and isinstance(args[1], Cache):  # GPT-2: positional
         cache = args[1]
     shift: TokenShift = layer.token_shift
-    if cache is None:
-        mixed = shift(hidden, positions, None)
-    else:
-        if not hasattr(cache, "token_shift_inputs"):
-            cache.token_shift_inputs = {}
-        columns = cache.token_shift_inputs.setdefault(shift.index, ColumnInputs())
-        past = cache.get_seq_length(shift.index)  # the layer has not added this pass's yet
-        width = shift.weight.shape[0]
-        mixed = shift(hidden, positions, columns.before(past, width - 1, hidden) if past else None)
-        columns.record(past, hidden)
+    before = None if cache is None else _columns_before(cache, shift, hidden)
+    mixed = shift(hidden, positions, before)
     if given:
         return args, {**kwargs, "hidden_states": mixed}
     return (mixed, *args[1:]), kwargs

@@ -87,10 +87,16 @@ class PiecewiseLayer(DynamicLayer):
         return self.length
 
 
+class PiecewiseCache(DynamicCache):
+    # The bookkeeping (lists of pieces, a length) runs outside compiled code: traced, it would
+    # be guarded on, and a compiled layer would compile again for every pass of every stage.
+    update = torch.compiler.disable(DynamicCache.update)
+
+
 def piecewise_cache(model: PreTrainedModel, width: int) -> DynamicCache:
     """A `DynamicCache` for `model` whose plain layers are `PiecewiseLayer`s of `width`
     columns (other kinds, e.g. sliding-window layers, keep transformers' own)."""
-    cache = DynamicCache(config=model.config)
+    cache = PiecewiseCache(config=model.config)
     cache.layers = [PiecewiseLayer(width) if type(layer) is DynamicLayer else layer
                     for layer in cache.layers]
     return cache
