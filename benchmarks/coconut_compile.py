@@ -3,8 +3,8 @@ key/value cache, and compiled code that guarded on the cache's pieces would comp
 
 For stages 1..`--stages` (one thought per step, as the ProsQA recipe), two training steps
 (forward and backward) on ProsQA questions with Coconut's names, under `model.compile=true`
-with `--scope`: the first step's seconds (compiling included), the second's, and dynamo's
-count of compiled graphs after the stage.
+with `--scope` (`eager`: not compiled): the first step's seconds (compiling included), the
+second's, and dynamo's count of compiled graphs after the stage.
 
     python benchmarks/coconut_compile.py --preset qwen3-12x384 --out F
     python benchmarks/coconut_compile.py --preset qwen3-tiny --stages 2 --batch 2   # smoke
@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", default="qwen3-12x384")
     parser.add_argument("--token-shift", type=int, default=4, help="model.token_shift")
-    parser.add_argument("--scope", choices=["body", "layers"], default="layers")
+    parser.add_argument("--scope", choices=["body", "layers", "eager"], default="layers",
+                        help="model.compile_scope, or eager: not compiled (the reference)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            uniform_thoughts=True)
     add_special_tokens(tokenizer, backbone, Coconut.special_tokens(config))
     method = Coconut(config, backbone, tokenizer).to(device).train()
-    compile_transformers(method, args.scope)
+    if args.scope != "eager":
+        compile_transformers(method, args.scope)
     autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype],
                               enabled=DTYPES[args.dtype] != torch.float32)
     stages = []

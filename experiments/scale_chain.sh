@@ -3,35 +3,31 @@
 # on one GPU in about 22 minutes, each run alone on the GPU with every core but one generating
 # its data (sharing the GPU and its cores three ways, a CoT run made 2.3 steps per second, alone
 # 19: docs/results.md). First, for TRAIN_MINUTES (default 10):
-#   prosqa-cot      prosqa_cot.yaml on qwen3-12x384, SMALL_EPOCHS (default 3) epochs of small and
-#                   MID_EPOCHS (default 3) of mid-sized graphs, then Coconut's sizes (15-25
-#                   concepts, 3-6 hops; an epoch is 200 steps)
+#   prosqa-cot      prosqa_cot.yaml (qwen3-12x384, 3 epochs of small and 3 of mid-sized graphs,
+#                   then Coconut's sizes, 15-25 concepts and 3-6 hops; an epoch is 200 steps)
 # then, one after another, from the CoT model:
 #   prosqa-nocot-from-cot   prosqa_nocot_from_cot.yaml for NOCOT_MINUTES (default 3): No-CoT
 #                           fine-tuned from the CoT model (a model trained on answers alone from
 #                           random init stays at guessing)
 #   prosqa-coconut          prosqa_coconut.yaml for COCONUT_MINUTES (default 6), 50 steps per
-#                           stage so all six stages fit
+#                           stage so all six stages fit, compiled layer by layer: eager, its
+#                           step is about 12x CoT's per token and 2 minutes reached stage 2 of 6
+#                           (docs/results.md); compiled, later stages compile nothing new
 # Countdown and the text Base: experiments/countdown_text_chain.sh. Each command's wall time (s)
 # and exit status go to OUT/times.tsv, its output to OUT/NAME.log.
 #   LATENTLAB_SHARED=/path/to/shared bash experiments/scale_chain.sh OUT [key=value ...]
-# The CoT and No-CoT runs compile layer by layer (model.compile_scope=layers): on a CPU that
-# compiles a 12 x 384 Qwen-3 step in 15 s against 78 s for the whole body (docs/results.md),
-# and the body alone took more than two minutes of a 10-minute budget on an H100.
 set -uo pipefail
 source "$(dirname "$0")/timed.sh"
 chain_setup "${1:?usage: scale_chain.sh OUT [overrides]}"
 shift
 W=${WORKERS:-}  # empty: the engine's default, every core but one
-run prosqa-cot prosqa_cot "${rope[@]}" "$(curriculum "${SMALL_EPOCHS:-3}" "${MID_EPOCHS:-3}")" \
-  train.eval_every=1000 model.compile_scope=layers train.max_time="${TRAIN_MINUTES:-10}" "$@"
+run prosqa-cot prosqa_cot train.max_time="${TRAIN_MINUTES:-10}" "$@"
 
-from_cot=(model.init_from="$R/prosqa-cot" model.compile_scope=layers)
-run prosqa-nocot-from-cot prosqa_nocot_from_cot "${rope[@]}" "${from_cot[@]}" \
+run prosqa-nocot-from-cot prosqa_nocot_from_cot model.init_from="$R/prosqa-cot" \
   train.max_time="${NOCOT_MINUTES:-3}" "$@"
 # 128 x 2 took about 70 GB by stage 4 on an H200; a smaller card takes 64 x 4
 big=$(python3 -c "import torch; print(torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory > 100e9)")
 [ "$big" = True ] && micro=(train.batch_size=128 train.grad_accum=2) || micro=(train.batch_size=64 train.grad_accum=4)
-run prosqa-coconut prosqa_coconut "${rope[@]}" model.init_from="$R/prosqa-cot" \
-  train.max_time="${COCONUT_MINUTES:-6}" task.n_train=12800 "${micro[@]}" "$@"
+run prosqa-coconut prosqa_coconut model.init_from="$R/prosqa-cot" \
+  model.compile=true train.max_time="${COCONUT_MINUTES:-6}" task.n_train=12800 "${micro[@]}" "$@"
 cat "$R/times.tsv"

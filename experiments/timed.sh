@@ -22,10 +22,3 @@ chain_setup() {  # chain_setup OUT
 run() {  # run NAME CONFIG [overrides]: train the config into R/NAME
   timed "$1" ll train "configs/$2.yaml" "out_dir=$R/$1" ${W:+"train.data_workers=$W"} "${@:3}"
 }
-# The ProsQA recipes' Qwen-3 shape (rotary positions) and their short size curriculum: SMALL
-# epochs of graphs of 4-8 concepts and 1-2 hops, MID of 8-14 concepts and 1-4 hops, then the
-# task's own sizes, Coconut's (15-25 concepts, 3-6 hops), for the rest of the run.
-rope=(model.name=qwen3-12x384 "model.preset_overrides={}")
-curriculum() {  # curriculum SMALL MID
-  echo "task.curriculum=[{epochs: $1, min_concepts: 4, max_concepts: 8, min_hops: 1, max_hops: 2}, {epochs: $2, min_concepts: 8, max_concepts: 14, min_hops: 1, max_hops: 4}]"
-}

@@ -8,6 +8,7 @@ set -uo pipefail
 source experiments/timed.sh
 chain_setup "${1:?usage: chain.sh OUT [overrides]}"
 shift
+rope=(model.name=qwen3-12x384 "model.preset_overrides={}")  # the recipe's model as it ran
 W=${WORKERS:-}  # alone on the machine: the engine's default, every core but one
 run prosqa-cot prosqa_cot "${rope[@]}" "task.curriculum=[{epochs: 2, min_concepts: 4, max_concepts: 8, min_hops: 1, max_hops: 2}, {epochs: 2, min_concepts: 8, max_concepts: 14, min_hops: 1, max_hops: 4}, {epochs: 1000, min_concepts: 12, max_concepts: 20, min_hops: 2, max_hops: 5}]" \
   train.eval_every=1000 model.compile_scope=layers train.max_time=7 "$@"

@@ -18,7 +18,8 @@ chain_setup "${1:?usage: scale_chain.sh OUT [overrides]}"
 shift
 W=${WORKERS:-4}
 minutes=train.max_time=${TRAIN_MINUTES:-10}
-small_then_mid=$(curriculum 3 3 1000)
+small_then_mid="task.curriculum=[{epochs: 3, min_concepts: 4, max_concepts: 8, min_hops: 1, max_hops: 2}, {epochs: 3, min_concepts: 8, max_concepts: 14, min_hops: 1, max_hops: 4}, {epochs: 1000, min_concepts: 12, max_concepts: 20, min_hops: 2, max_hops: 5}]"
+rope=(model.name=qwen3-12x384 "model.preset_overrides={}")  # the recipe's model as it ran
 
 run prosqa-cot prosqa_cot "${rope[@]}" "$small_then_mid" train.eval_every=1000 "$minutes" "$@" &
 run countdown3-cot countdown3_cot "$minutes" "$@" &

@@ -7,6 +7,7 @@ set -uo pipefail
 source experiments/timed.sh
 chain_setup "$1"
 shift
+rope=(model.name=qwen3-12x384 "model.preset_overrides={}")  # the recipe's model as it ran
 minutes=train.max_time=${TRAIN_MINUTES:-10}
 long="task.curriculum=[{epochs: 3, min_concepts: 4, max_concepts: 8, min_hops: 1, max_hops: 2}, {epochs: 3, min_concepts: 8, max_concepts: 14, min_hops: 1, max_hops: 4}, {epochs: 1000, min_concepts: 12, max_concepts: 20, min_hops: 2, max_hops: 5}]"
 run prosqa-cot-12x384-long prosqa_cot "${rope[@]}" "$long" train.eval_every=1000 "$minutes" "$@" &

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
@@ -102,8 +103,11 @@ def _train(config: RunConfig, resume: bool, run: RunDir, acc: Accelerator) -> di
                                "latent_budget": method.latent_budget(),
                                "best_step": state.best_step, "steps": state.step,
                                "skipped_steps": state.skipped_steps}
-    for split in config.eval.splits:
-        results[split] = pipeline.score(best, split)
+    # Eagerly, as validation: a compiled model's generation would compile its own call forms
+    # (a prefill per length, a decode over each layer's cache) for one pass over the data.
+    with torch.compiler.set_stance("force_eager"):
+        for split in config.eval.splits:
+            results[split] = pipeline.score(best, split)
     if pipeline.compute is not None and config.eval.flops_examples:
         results["flops_per_example"] = pipeline.compute(best)
     if acc.is_main_process:
