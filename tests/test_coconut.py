@@ -383,8 +383,8 @@ def test_compiled_layers_compile_once_for_every_later_stage() -> None:
     """Compiled layer by layer (model.compile_scope=layers) over a token-shifted backbone, each
     later stage, with one more thought pass over the cache, compiles (almost) nothing new: the
     cache's bookkeeping (pieces per pass, recorded inputs) runs outside compiled code. Traced,
-    it was guarded on, and every stage compiled again for each layer (8 graphs a stage for 2
-    layers, 100 s on a CPU by stage 3). The loss and gradients stay the eager ones."""
+    it would be guarded on, and every stage would compile again for each layer. The loss and
+    gradients stay the eager ones."""
     method = make("qwen3-tiny+token_shift", thoughts_per_step=1, max_latent_stage=3,
                   uniform_thoughts=True)
     method.train()
