@@ -78,7 +78,7 @@ def shape_config(shape: str, args: argparse.Namespace, out_dir: Path,
                       else "train.data_workers=0", "task.curriculum=[]",
                       f"task.n_train={args.batch * total_steps(args)}"]
     if not args.preset.startswith("gpt2") and shape != "text":
-        overrides.append("model.preset_overrides={}")  # the recipes' are GPT-2's dropouts
+        overrides.append("model.preset_overrides={}")  # Countdown's recipes set GPT-2's dropouts
     return load_config(CONFIGS / (recipe or SHAPES[shape]), [*overrides, *extra])
 
 

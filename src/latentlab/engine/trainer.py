@@ -584,7 +584,7 @@ class Trainer:
         self.model.eval()
         # A compiled model validates eagerly: compiled code serves the training step, and
         # generation's own call forms (a prefill per length, a decode over each layer's cache)
-        # would compile anew, which took 140 s of a 7-minute ProsQA run on one GPU.
+        # would compile anew (docs/results.md, "ProsQA CoT alone on the GPU").
         with self.acc.autocast(), torch.compiler.set_stance("force_eager"):
             metrics = self.evaluate(state.step)
         self.model.train()
