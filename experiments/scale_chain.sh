@@ -9,10 +9,10 @@
 #   prosqa-nocot-from-cot   prosqa_nocot_from_cot.yaml for NOCOT_MINUTES (default 3): No-CoT
 #                           fine-tuned from the CoT model (a model trained on answers alone from
 #                           random init stays at guessing)
-#   prosqa-coconut          prosqa_coconut.yaml for COCONUT_MINUTES (default 6), 50 steps per
-#                           stage so all six stages fit, compiled layer by layer: eager, its
-#                           step is about 12x CoT's per token and 2 minutes reached stage 2 of 6
-#                           (docs/results.md); compiled, later stages compile nothing new
+#   prosqa-coconut          prosqa_coconut.yaml for COCONUT_MINUTES (default 6), 100 steps of
+#                           128 graphs per stage, compiled layer by layer (later stages compile
+#                           nothing new); its step is several times CoT's per token, so the
+#                           time may end before stage 6 (docs/results.md)
 # Countdown and the text Base: experiments/countdown_text_chain.sh. Each command's wall time (s)
 # and exit status go to OUT/times.tsv, its output to OUT/NAME.log.
 #   LATENTLAB_SHARED=/path/to/shared bash experiments/scale_chain.sh OUT [key=value ...]
@@ -25,9 +25,9 @@ run prosqa-cot prosqa_cot train.max_time="${TRAIN_MINUTES:-10}" "$@"
 
 run prosqa-nocot-from-cot prosqa_nocot_from_cot model.init_from="$R/prosqa-cot" \
   train.max_time="${NOCOT_MINUTES:-3}" "$@"
-# 128 x 2 took about 70 GB by stage 4 on an H200; a smaller card takes 64 x 4
+# 128 in one micro-batch took about 70 GB by stage 4 on an H200; a smaller card takes 64 x 2
 big=$(python3 -c "import torch; print(torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory > 100e9)")
-[ "$big" = True ] && micro=(train.batch_size=128 train.grad_accum=2) || micro=(train.batch_size=64 train.grad_accum=4)
+[ "$big" = True ] && micro=() || micro=(train.batch_size=64 train.grad_accum=2)
 run prosqa-coconut prosqa_coconut model.init_from="$R/prosqa-cot" \
-  model.compile=true train.max_time="${COCONUT_MINUTES:-6}" task.n_train=12800 "${micro[@]}" "$@"
+  model.compile=true train.max_time="${COCONUT_MINUTES:-6}" "${micro[@]}" "$@"
 cat "$R/times.tsv"

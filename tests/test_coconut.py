@@ -24,7 +24,7 @@ from latentlab.backbones import (
     compile_transformers,
     train_tokenizer,
 )
-from latentlab.config import load_config
+from latentlab.config import EvalConfig, load_config
 from latentlab.errors import ConfigError
 from latentlab.latents import orthogonality_penalty
 from latentlab.methods import METHODS
@@ -377,6 +377,27 @@ def test_engine_runs_the_curriculum_and_the_best_model_keeps_its_stage(tmp_path:
     scores = dict(results["test"])
     assert set(scores.pop("latent_dependence")) == {"zeros", "mean", "shuffled"}  # 2 thoughts
     assert metrics == scores and len(predictions) == 8
+
+
+def test_step_metrics_start_after_the_steps_the_thoughts_replace() -> None:
+    """At stage k the first k steps are thoughts: the task judges the written steps as going on
+    from there (ProsQA's path_valid would otherwise fail every partial chain)."""
+    seen: list[int] = []
+
+    class RecordingTask:
+        def score(self, prediction: str, example: Example) -> bool:
+            return False
+
+        def step_metrics(self, steps: list[str], example: Example,
+                         skipped: int = 0) -> dict[str, float]:
+            seen.append(skipped)
+            return {}
+
+    method = make(max_latent_stage=3).eval()
+    for stage in (0, 2):
+        method.set_stage(stage)
+        evaluate(method, RecordingTask(), EXAMPLES[:2], EvalConfig(max_new_tokens=2))  # type: ignore[arg-type]
+    assert seen == [0, 0, 2, 2]
 
 
 def test_compiled_layers_compile_once_for_every_later_stage() -> None:

@@ -135,6 +135,15 @@ def test_step_metrics_on_hand_made_chains() -> None:
                    example) == {"step_edges": pytest.approx(2 / 3), "path_valid": 0.0}
     assert metrics(["Bob is a impus."], example) == {"step_edges": 1.0, "path_valid": 0.0}
     assert metrics([], example) == {}
+    # With the first step in latents, the written chain starts one edge from Tom: at wumpus
+    # or rompus, not at Tom, and still has to be connected.
+    assert metrics(list(example.steps[1:]), example, skipped=1)["path_valid"] == 1.0
+    assert metrics(list(example.steps[2:]), example, skipped=2)["path_valid"] == 1.0
+    assert metrics(list(example.steps[1:]), example)["path_valid"] == 0.0
+    assert metrics(list(example.steps), example, skipped=1)["path_valid"] == 0.0
+    assert metrics(["Every yumpus is a zumpus."], example, skipped=1)["path_valid"] == 0.0
+    assert metrics(["Every wumpus is a yumpus.", "Every wumpus is a yumpus."], example,
+                   skipped=1)["path_valid"] == 0.0
 
 
 def test_statistics_are_close_to_coconut(valid: list[Example]) -> None:

@@ -280,6 +280,12 @@ class Method(nn.Module, ABC):
         (Latent-SFT's `#L`), that number; None where it does not apply."""
         return self.generate(examples, max_new_tokens), [None] * len(examples)
 
+    def steps_in_latents(self) -> int:
+        """Leading reasoning steps the model's latents stand for at inference, so that the
+        steps it writes go on from there (the task's step metrics judge them so); none by
+        default."""
+        return 0
+
     # -- latents and analyses (methods with latents) ----------------------------------------
     def latents(self, examples: list[Example]) -> Tensor:
         """The latent vectors the model puts between question and answer at inference, [n,

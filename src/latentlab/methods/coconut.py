@@ -217,6 +217,11 @@ class Coconut(Method):
             return self.config.thoughts_at_eval
         return k * self.config.thoughts_per_step
 
+    def steps_in_latents(self) -> int:
+        """Stage k's thoughts (or, in no_thought mode, nothing) take the place of the first k
+        steps; the last stage writes no steps."""
+        return self.latent_stage
+
     # -- data ------------------------------------------------------------------------------
     def encode(self, example: Example) -> Features:
         k = self.latent_stage

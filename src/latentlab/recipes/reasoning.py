@@ -198,6 +198,7 @@ def evaluate(method: Method, task: Task, examples: list[Example], eval_config: E
     mine.sort(key=lambda i: len(examples[i].question))
     rows: list[dict[str, Any]] = []
     size = eval_config.batch_size
+    skipped = method.steps_in_latents()
     for start in tqdm(range(0, len(mine), size), desc="eval", leave=False,
                       disable=len(mine) <= size or not sys.stderr.isatty()):
         idx = mine[start:start + size]
@@ -208,7 +209,7 @@ def evaluate(method: Method, task: Task, examples: list[Example], eval_config: E
             row = {"index": i, "question": examples[i].question, "gold": examples[i].answer,
                    "completion": completion, "prediction": answer,
                    "correct": task.score(answer, examples[i]),
-                   **task.step_metrics(extract_steps(completion), examples[i])}
+                   **task.step_metrics(extract_steps(completion), examples[i], skipped)}
             if n_steps is not None:
                 row["latent_steps"] = n_steps
             rows.append(row)

@@ -208,9 +208,12 @@ class Task(ABC):
         enumerator."""
         return None
 
-    def step_metrics(self, steps: list[str], example: Example) -> dict[str, float]:
+    def step_metrics(self, steps: list[str], example: Example,
+                     skipped: int = 0) -> dict[str, float]:
         """Numbers about a model's generated reasoning steps (one string per line), averaged
-        over the examples that generated any; none by default."""
+        over the examples that generated any; none by default. `skipped`: the leading steps
+        the model's latents stand for (`Method.steps_in_latents`), so the written ones go on
+        from there."""
         return {}
 
 

@@ -314,20 +314,27 @@ class ProsQATask(Task):
         with atomic_text_file(path) as handle:
             handle.write(json.dumps(rows, ensure_ascii=False))
 
-    def step_metrics(self, steps: list[str], example: Example) -> dict[str, float]:
+    def step_metrics(self, steps: list[str], example: Example,
+                     skipped: int = 0) -> dict[str, float]:
         """`step_edges`: the share of generated steps that are edges of the question's graph;
         `path_valid`: 1 if the steps are edges forming a path from the person asked about
-        (a chain that may end anywhere, so a wrong answer can still walk a real path)."""
+        (a chain that may end anywhere, so a wrong answer can still walk a real path). When
+        latents stand for the first `skipped` steps (Coconut at stage k), the written path may
+        start at any concept `skipped` edges from the person: the one the latents reached is
+        not known."""
         if not steps:
             return {}
         meta = example.meta
         names = meta["idx_to_symbol"]
         edges = {_normalise(edge_sentence(names[p], names[c])): (p, c) for p, c in meta["edges"]}
         walked = [edges.get(_normalise(step)) for step in steps]
-        at, connected = meta["root"], True
-        for edge in walked:
-            connected = connected and edge is not None and edge[0] == at
-            at = edge[1] if edge is not None else at
+        starts = {meta["root"]}
+        for _ in range(skipped):
+            starts = {c for p, c in meta["edges"] if p in starts}
+        connected = walked[0] is not None and walked[0][0] in starts
+        for before, edge in pairwise(walked):
+            connected = connected and before is not None and edge is not None \
+                and edge[0] == before[1]
         return {"step_edges": sum(e is not None for e in walked) / len(walked),
                 "path_valid": float(connected)}
 
