@@ -9,10 +9,11 @@
 #   prosqa-nocot-from-cot   prosqa_nocot_from_cot.yaml for NOCOT_MINUTES (default 3): No-CoT
 #                           fine-tuned from the CoT model (a model trained on answers alone from
 #                           random init stays at guessing)
-#   prosqa-coconut          prosqa_coconut.yaml for COCONUT_MINUTES (default 6), 100 steps of
-#                           128 graphs per stage, compiled layer by layer (later stages compile
-#                           nothing new); its step is several times CoT's per token, so the
-#                           time may end before stage 6 (docs/results.md)
+#   prosqa-coconut          prosqa_coconut.yaml for COCONUT_MINUTES (default 6), up to 100
+#                           steps of 128 graphs per stage, compiled layer by layer (later
+#                           stages compile nothing new); its step is several times CoT's per
+#                           token, so stages 1-5 end at a tenth of the time each at the latest
+#                           (train.stages_by_time) and stage 6 gets the rest
 # Countdown and the text Base: experiments/countdown_text_chain.sh. Each command's wall time (s)
 # and exit status go to OUT/times.tsv, its output to OUT/NAME.log.
 #   LATENTLAB_SHARED=/path/to/shared bash experiments/scale_chain.sh OUT [key=value ...]

@@ -379,6 +379,27 @@ def test_engine_runs_the_curriculum_and_the_best_model_keeps_its_stage(tmp_path:
     assert metrics == scores and len(predictions) == 8
 
 
+def test_stages_by_time_reach_the_last_stage_within_the_budget(tmp_path: Path) -> None:
+    """train.stages_by_time: stages of 1,000 epochs each, which the 12-second budget could not
+    hold, end at their share of it instead (a third each: stages 0, 1, 2)."""
+    config = tiny(tmp_path, "method.name=coconut", "method.max_latent_stage=2",
+                  "method.epochs_per_stage=1000", "train.epochs=3000", "train.max_steps=null",
+                  "train.max_time=0.2", "train.stages_by_time=true", "train.eval_every=0",
+                  "eval.splits=[]")
+    train(config)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert {r["stage"] for r in steps} == {0, 1, 2}
+    for stage in (0, 1):  # each ends at the first step past its share of the 12 s
+        ends = [r for r in steps if r["stage"] == stage][-2:]
+        assert ends[0]["train_seconds"] < 4 * (stage + 1) <= ends[1]["train_seconds"]
+        # ... and validates there, as at the end of its epochs
+        assert any(r.get("split") == "valid" and r["step"] == ends[1]["step"] for r in rows)
+    assert steps[-1]["stage"] == 2 and steps[-1]["train_seconds"] >= 12
+    with pytest.raises(ConfigError, match="stages_by_time"):
+        tiny(tmp_path, "train.stages_by_time=true")
+
+
 def test_step_metrics_start_after_the_steps_the_thoughts_replace() -> None:
     """At stage k the first k steps are thoughts: the task judges the written steps as going on
     from there (ProsQA's path_valid would otherwise fail every partial chain)."""

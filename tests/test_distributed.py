@@ -72,3 +72,41 @@ def test_two_processes_killed_and_resumed_continue_exactly(tmp_path: Path) -> No
     assert metric_rows(tmp_path / "resumed") == metric_rows(tmp_path / "straight")
     a, b = (final_weights(tmp_path / name) for name in ("straight", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# Runs latentlab with the second process's clock going three times as fast as the first's.
+SKEWED_CLOCK = """
+import os, sys, time
+if os.environ["RANK"] == "1":
+    real = time.perf_counter
+    start = real()
+    time.perf_counter = lambda: start + 3 * (real() - start)
+from latentlab.cli import main
+sys.exit(main())
+"""
+
+
+def test_processes_whose_clocks_disagree_end_the_time_budget_together(tmp_path: Path) -> None:
+    """train.max_time on two processes: each has its own clock, and the main one spends more
+    (it logs, validates and writes). Decided on each clock, the second process here would stop
+    at a third of the budget and wait in its final scoring while the first trained on (a hang,
+    or mismatched collectives); on the main process's time both stop at the same step."""
+    script = tmp_path / "skewed.py"
+    script.write_text(SKEWED_CLOCK)
+    config = tmp_path / "timed.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "train": {
+        **TINY["train"], "max_steps": None, "epochs": 10_000, "batch_size": 4,
+        "max_time": 0.15, "eval_every": 25, "log_every": 5}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(script), "train", str(config),
+                           f"out_dir={tmp_path / 'run'}"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line)
+            for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    last = max(r["step"] for r in rows if "loss" in r)
+    assert results["steps"] == last and results["test"]["n"] == 8
+    # The budget ran out on the main process's clock: 9 s of training, not the second's 3 s.
+    assert max(r["train_seconds"] for r in rows if "train_seconds" in r) >= 9

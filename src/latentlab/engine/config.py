@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -22,6 +22,12 @@ class TrainConfig(Section):
         "of steps and after each validation; the epochs and max_steps stay upper bounds. "
         "The planned count is logged (`planned_steps` in metrics.jsonl): train.max_steps=N "
         "repeats it exactly")
+    stages_by_time: bool = Field(
+        False, description="with train.max_time: a curriculum stage (all but the last) ends "
+        "once the run has spent its share of the time, the stages' epochs up to it over all "
+        "their epochs, if its epochs have not ended it first; so a curriculum reaches its "
+        "last stage however slow its later steps are. Off: stages end after their epochs, "
+        "and the time may run out before the last")
     batch_size: int = Field(32, ge=1, description="examples per device per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     lr: float = Field(1e-4, gt=0)
@@ -79,3 +85,10 @@ class TrainConfig(Section):
     @classmethod
     def _yaml_no(cls, value: Any) -> Any:
         return "no" if value is False else value  # YAML reads a bare `no` as false
+
+    @model_validator(mode="after")
+    def _stages_need_a_time(self) -> TrainConfig:
+        if self.stages_by_time and self.max_time is None:
+            raise ValueError("stages_by_time shares out train.max_time, which is not set: set "
+                             "train.max_time (minutes), or stages_by_time: false")
+        return self

@@ -271,6 +271,7 @@ class Trainer:
         window = {"tokens": 0, "time": 0.0, "wait": 0.0}
         stop_at = state.step + cfg.stop_after if cfg.stop_after else None
         first_step = state.step
+        replan = False  # a validation's time is in: plan again at the next step
         self._progress_from = (state.step, state.train_seconds)  # for the time left
         # Made once WARM_STEPS steps are done: the speed is measured from there (the time
         # budget's plan, the start-up cost, the time left), past compilation and first batches.
@@ -290,6 +291,7 @@ class Trainer:
                     batches, loader = upcoming or self._loader(
                         prepare, stage_index, epoch, global_batch, state.batch)
                     upcoming = None
+                    stage_over = False
                     clock = time.perf_counter()
                     for b, micro in zip(range(state.batch, len(batches)), loader, strict=True):
                         window["wait"] += time.perf_counter() - clock  # for the next batch
@@ -330,13 +332,17 @@ class Trainer:
                         now = time.perf_counter()
                         state.train_seconds += now - clock
                         clock = now
+                        signalled = self._agree_on_time(state)
                         if state.step - first_step == WARM_STEPS:
                             self._pace = Pace(state.step, state.train_seconds)
                         if cfg.max_time is not None:
-                            self._plan(state, bar)
+                            self._plan(state, bar, validated=replan)
+                            replan = False
                         if state.step - first_step == 2 * WARM_STEPS:
                             self._print_startup_cost(state)
-                        end_of_epoch = b + 1 == len(batches)
+                        # A stage past its share of the time ends as its epochs would.
+                        stage_over = self._stage_time_spent(state, stage_index)
+                        end_of_epoch = b + 1 == len(batches) or stage_over
                         # The data can end before `total` steps: examples longer than
                         # max_length are dropped, and max_steps may exceed the epochs.
                         out_of_time = (cfg.max_time is not None
@@ -348,18 +354,15 @@ class Trainer:
                             self._log_train(state, window, scheduler,
                                             result.grad_norm if result.finite else None, bar)
                         evaluated = self._maybe_evaluate(state, end_of_epoch, finished)
-                        signal_number, time_due = self._agree(
-                            self._signal or 0,
-                            int(cfg.save_every_minutes is not None and state.train_seconds
-                                - state.saved_at >= cfg.save_every_minutes * 60))
-                        signalled = signal_number or None
+                        time_due = (cfg.save_every_minutes is not None and state.train_seconds
+                                    - state.saved_at >= cfg.save_every_minutes * 60)
                         if (finished or (stop_at is not None and state.step >= stop_at)
                                 or signalled is not None or time_due or
                                 (cfg.save_every and state.step % cfg.save_every == 0) or
                                 (not cfg.save_every and evaluated)):
                             if end_of_epoch:  # store the position as "next epoch, batch 0"
                                 state.epoch, state.batch = epoch + 1, 0
-                                if epoch + 1 == stage.epochs:
+                                if epoch + 1 == stage.epochs or stage_over:
                                     state.stage, state.epoch = stage_index + 1, 0
                             state.done = finished
                             self._save_checkpoint(model, optimizer, scheduler, state)
@@ -368,8 +371,8 @@ class Trainer:
                         if self._pace is not None:
                             self._pace.overhead += now - clock
                         clock = now
-                        if evaluated and cfg.max_time is not None and not finished:
-                            self._plan(state, bar, validated=True)
+                        # Re-planned at the next step, once the processes agree on the time.
+                        replan = replan or evaluated
                         if signalled is not None:  # even on the last step: it was asked for
                             raise Interrupted(
                                 f"stopped by signal {signal.Signals(signalled).name} after "
@@ -379,7 +382,11 @@ class Trainer:
                         if finished or (stop_at is not None and state.step >= stop_at):
                             bar.close()
                             return state
+                        if stage_over:
+                            break
                     state.batch = 0
+                    if stage_over:
+                        break
                 state.epoch = 0
         bar.close()
         return state
@@ -724,16 +731,38 @@ class Trainer:
                           and isinstance(v, int | float) and not isinstance(v, bool)},
                          step=row["step"])
 
-    def _agree(self, *flags: int) -> list[int]:
-        """Per-step decisions every process must share, as the largest value of each over the
-        processes: the signal that ends training after this step (read once per step: one
-        arriving later is handled a step later, never between deciding to save and saying a
-        checkpoint was saved; processes get signals at different moments), and a checkpoint
-        due by the clock (each process has its own)."""
-        if self.acc.num_processes == 1:
-            return list(flags)
-        received = self.acc.gather(torch.tensor([flags], device=self.acc.device))
-        return [int(v) for v in received.max(0).values]
+    def _stage_time_spent(self, state: TrainerState, stage_index: int) -> bool:
+        """Whether a stage other than the last has had its share of `train.max_time` (with
+        `train.stages_by_time`): the epochs of the stages up to it over all stages' epochs."""
+        cfg, stages = self.config, self.stages
+        if not cfg.stages_by_time or cfg.max_time is None or stage_index + 1 == len(stages):
+            return False
+        share = (sum(s.epochs for s in stages[:stage_index + 1])
+                 / sum(s.epochs for s in stages))
+        return state.train_seconds >= share * cfg.max_time * 60
+
+    def _agree_on_time(self, state: TrainerState) -> int | None:
+        """What every process must decide alike, once per step: the signal that ends training
+        after this step (the largest over the processes: they get signals at different
+        moments; read once per step, so one arriving later is handled a step later, never
+        between deciding to save and saying a checkpoint was saved), and the time. Each process
+        has its own clock, and the main one (which logs, validates and writes) spends more; a
+        decision taken on each clock (the time budget's end and plan, a checkpoint due by the
+        clock) would differ between them, one process would stop or re-plan while the others
+        train on: the main process's time, and its measured overhead, are every process's."""
+        pace = self._pace
+        if self.acc.num_processes > 1:
+            mine = torch.tensor([[self._signal or 0, state.train_seconds,
+                                  pace.overhead if pace else 0.0]],
+                                dtype=torch.float64, device=self.acc.device)
+            received = self.acc.gather(mine)
+            state.train_seconds = float(received[0, 1])
+            if pace is not None:
+                pace.overhead = float(received[0, 2])
+            signal_number = int(received[:, 0].max())
+        else:
+            signal_number = self._signal or 0
+        return signal_number or None
 
     def _signals(self) -> contextlib.AbstractContextManager[None]:
         """SIGTERM/SIGINT finish the current step, save a checkpoint, then stop; a second one
