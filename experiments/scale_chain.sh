@@ -10,8 +10,9 @@
 #                           fine-tuned from the CoT model (a model trained on answers alone from
 #                           random init stays at guessing)
 #   prosqa-coconut          prosqa_coconut.yaml for COCONUT_MINUTES (default 6), up to 100
-#                           steps of 128 graphs per stage, compiled layer by layer (later
-#                           stages compile nothing new); its step is several times CoT's per
+#                           steps of 128 graphs per stage, compiled layer by layer unless
+#                           COCONUT_COMPILE=false (later stages compile nothing new, but the
+#                           first two compile for minutes); its step is several times CoT's per
 #                           token, so stages 1-5 end at a tenth of the time each at the latest
 #                           (train.stages_by_time) and stage 6 gets the rest
 # Countdown and the text Base: experiments/countdown_text_chain.sh. Each command's wall time (s)
@@ -30,5 +31,5 @@ run prosqa-nocot-from-cot prosqa_nocot_from_cot model.init_from="$R/prosqa-cot" 
 big=$(python3 -c "import torch; print(torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory > 100e9)")
 [ "$big" = True ] && micro=() || micro=(train.batch_size=64 train.grad_accum=2)
 run prosqa-coconut prosqa_coconut model.init_from="$R/prosqa-cot" \
-  model.compile=true train.max_time="${COCONUT_MINUTES:-6}" "${micro[@]}" "$@"
+  model.compile="${COCONUT_COMPILE:-true}" train.max_time="${COCONUT_MINUTES:-6}" "${micro[@]}" "$@"
 cat "$R/times.tsv"
