@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="timed steps per stage after the first, each on new questions")
     parser.add_argument("--min-concepts", type=int, default=8)
     parser.add_argument("--max-concepts", type=int, default=12)
+    parser.add_argument("--symbolic-layer-ints", action="store_true",
+                        help="with --scope layers, dynamo's allow_unspec_int_on_nn_module: a "
+                        "layer's integer attributes, among them the index it hands the key/"
+                        "value cache, symbolic, so the layers share their graphs instead of "
+                        "compiling their own")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     method = Coconut(config, backbone, tokenizer).to(device).train()
     if args.scope != "eager":
         compile_transformers(method, args.scope)
+        if args.symbolic_layer_ints:  # read when dynamo traces
+            torch._dynamo.config.allow_unspec_int_on_nn_module = True
     autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype],
                               enabled=DTYPES[args.dtype] != torch.float32)
     cuda = device.type == "cuda"
