@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -26,16 +27,19 @@ CONFIG = {**TINY, "method": {"name": "coconut", "max_latent_stage": 1, "epochs_p
                     "eval_every": 0}}
 
 
-def train_with(processes: int, run_dir: Path, *args: str) -> tuple[list[dict], str]:
-    config = run_dir.parent / f"{run_dir.name}.yaml"
-    config.write_text(yaml.safe_dump(CONFIG))
+def train_with(processes: int, run_dir: Path, *args: str, config: dict[str, Any] = CONFIG,
+               entry: tuple[str, ...] = ("-m", "latentlab"), timeout: int = 600
+               ) -> tuple[list[dict], str]:
+    """`latentlab train` (or `entry`, a script or module taking its arguments) of `config`
+    into `run_dir` on `processes` CPU processes: metrics.jsonl's rows and what it printed."""
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # --standalone: a rendezvous on a free local port, so parallel test runs do not collide.
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable])
-    done = subprocess.run([*launch, "-m", "latentlab", "train", str(config),
-                           f"out_dir={run_dir}", *args], env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([*launch, *entry, "train", str(path), f"out_dir={run_dir}", *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return rows, done.stdout
@@ -93,18 +97,10 @@ def test_processes_whose_clocks_disagree_end_the_time_budget_together(tmp_path: 
     or mismatched collectives); on the main process's time both stop at the same step."""
     script = tmp_path / "skewed.py"
     script.write_text(SKEWED_CLOCK)
-    config = tmp_path / "timed.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "train": {
-        **TINY["train"], "max_steps": None, "epochs": 10_000, "batch_size": 4,
-        "max_time": 0.15, "eval_every": 25, "log_every": 5}}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", str(script), "train", str(config),
-                           f"out_dir={tmp_path / 'run'}"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line)
-            for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    timed = {**TINY, "train": {**TINY["train"], "max_steps": None, "epochs": 10_000,
+                               "batch_size": 4, "max_time": 0.15, "eval_every": 25,
+                               "log_every": 5}}
+    rows, _ = train_with(2, tmp_path / "run", config=timed, entry=(str(script),), timeout=300)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     last = max(r["step"] for r in rows if "loss" in r)
     assert results["steps"] == last and results["test"]["n"] == 8
